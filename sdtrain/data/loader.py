@@ -1,0 +1,269 @@
+"""The training stream: shards -> (rank, worker) slots -> shuffle buffer -> decoded, tokenised batches.
+
+Batches are built inside the workers (decode, posterior sample, scaling, caption dropout, tokenisation) so the
+main process only moves tensors. The stream is infinite over epochs; training length is `trainer.max_steps`.
+Everything random is seeded by (seed, epoch, slot, sample index), so a resumed run can replay its position.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from itertools import count, islice
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from sdtrain.data.plan import SlotPlan, consumed_per_worker, plan_epoch
+from sdtrain.data.samples import LatentField, SampleError, decode_caption, decode_latent
+from sdtrain.data.shards import ShardSet, iter_raw_samples
+from sdtrain.errors import DataError
+
+log = logging.getLogger(__name__)
+Tokenizer = Callable[[list[str]], torch.Tensor]
+
+
+@dataclass(kw_only=True, slots=True)
+class LatentDataConfig:
+    shards: Any = None
+    """Manifest, brace pattern, glob, or a list of patterns (see sdtrain/data/shards.py)."""
+    batch_size: int = 32
+    """Per-rank micro-batch size."""
+    num_workers: int = 2
+    """DataLoader worker processes per rank; 0 reads in the training process."""
+    shuffle_buffer: int = 1000
+    """Samples held for shuffling inside each worker (on top of the per-epoch shard permutation)."""
+    shuffle: bool = True
+    caption_dropout: float = 0.1
+    """Probability that a caption is replaced by the empty prompt (trains the unconditional branch for CFG)."""
+    latent_key: str = "auto"
+    """auto | moments.npy | latent.npy | npy (MLPerf SD v2 moments)."""
+    scaling_factor: float | None = None
+    """Multiplies (latent - shift); None = the manifest's vae.scaling_factor, else 0.18215 (SD 1/2)."""
+    shift_factor: Any = None
+    """Subtracted before scaling: a number or one per channel; None = the manifest's vae.shift_factor, else 0."""
+    prefetch_factor: int = 2
+    max_skip_fraction: float = 0.5
+    """Stop with an error when more than this fraction of samples read by a worker is bad (after 100 reads)."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.caption_dropout <= 1.0:
+            raise ValueError(f"caption_dropout must be in [0, 1], got {self.caption_dropout}")
+        if self.batch_size < 1 or self.num_workers < 0:
+            raise ValueError("batch_size must be >= 1 and num_workers >= 0")
+
+
+@dataclass(slots=True)
+class LatentNormalizer:
+    """Training latents are (z - shift) * scale; sampling inverts it before the VAE decodes."""
+
+    scale: float = 0.18215
+    shift: list[float] = field(default_factory=lambda: [0.0])
+
+    @classmethod
+    def resolve(cls, cfg: LatentDataConfig, manifest: dict[str, Any]) -> LatentNormalizer:
+        vae = manifest.get("vae") or {}
+        scale = cfg.scaling_factor if cfg.scaling_factor is not None else vae.get("scaling_factor", 0.18215)
+        shift = cfg.shift_factor if cfg.shift_factor is not None else vae.get("shift_factor", 0.0)
+        return cls(float(scale), [float(s) for s in (shift if isinstance(shift, list | tuple) else [shift])])
+
+    def _shift(self, like: torch.Tensor | np.ndarray) -> Any:
+        shift = np.asarray(self.shift, dtype=np.float32).reshape(-1, 1, 1)
+        return torch.from_numpy(shift).to(like.device, like.dtype) if isinstance(like, torch.Tensor) else shift
+
+    def normalize(self, z: np.ndarray) -> np.ndarray:
+        return (z - self._shift(z)) * self.scale
+
+    def denormalize(self, x: torch.Tensor) -> torch.Tensor:
+        return x / self.scale + self._shift(x)
+
+
+class LatentStream(IterableDataset):
+    """Yields dict batches forever: latents (B,C,h,w) float32, tokens (B,L) int64, keys (sample keys),
+    skipped ({reason: count} of samples dropped since the previous batch of this worker)."""
+
+    def __init__(
+        self,
+        shard_set: ShardSet,
+        cfg: LatentDataConfig,
+        tokenizer: Tokenizer,
+        *,
+        latent_channels: int,
+        normalizer: LatentNormalizer,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        start_batch: int = 0,
+    ) -> None:
+        self.shard_set = shard_set
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.latent_channels = latent_channels
+        self.normalizer = normalizer
+        self.rank = rank
+        self.world_size = world_size
+        self.seed = seed
+        self.start_batch = start_batch  # batches this rank already consumed (resume)
+        self.workers = max(1, cfg.num_workers)
+        self.total_bad = self.total_reads = 0  # per worker process, for the bad-sample rate check
+        self.errors: list[str] = []  # shard-level problems (unreadable, truncated), already logged
+        self.skipped: Counter[str] = Counter()  # reasons since the last batch; sent along with the next one
+
+    def plan(self, epoch: int):  # noqa: ANN201 - EpochPlan, kept short for readers
+        return plan_epoch(
+            self.shard_set.sample_counts,
+            world_size=self.world_size,
+            workers_per_rank=self.workers,
+            batch_size=self.cfg.batch_size,
+            seed=self.seed,
+            epoch=epoch,
+            shuffle=self.cfg.shuffle,
+        )
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        physical = info.id if info is not None else 0
+        # The DataLoader restarts its round-robin at worker 0; rotating roles keeps a resumed stream identical.
+        worker = (physical + self.start_batch) % self.workers
+        done = consumed_per_worker(self.start_batch, self.workers)[worker]
+        per_slot = self.plan(0).batches_per_slot
+        epoch, skip_batches = divmod(done, per_slot)
+        while True:
+            yield from self._epoch_batches(epoch, worker, skip_batches)
+            epoch, skip_batches = epoch + 1, 0
+
+    # -- one slot, one epoch ----------------------------------------------------------------------------------
+    def _epoch_batches(self, epoch: int, worker: int, skip_batches: int) -> Iterator[dict[str, Any]]:
+        plan = self.plan(epoch)
+        slot = self.rank * self.workers + worker
+        samples = self._shuffled(plan.slots[slot], epoch, slot)
+        needed = plan.batches_per_slot * self.cfg.batch_size
+        # Fast-forward on resume: replay raw bytes through the same shuffle buffer without decoding them.
+        consumed = skip_batches * self.cfg.batch_size
+        for _ in islice(samples, consumed):
+            pass
+        batch: list[tuple[np.ndarray, str, str]] = []
+        index, reads = consumed, 0
+        self.total_bad, self.total_reads = 0, 0
+        while index < needed:
+            raw = next(samples)
+            reads += 1
+            rng = np.random.default_rng([self.seed, epoch, slot, index])
+            try:
+                latent = decode_latent(raw, self._field(raw), self.latent_channels, rng)
+                caption = decode_caption(raw)
+            except SampleError as exc:
+                self.skipped[exc.reason] += 1
+                self._check_skip_rate(reads, raw, exc)
+                continue
+            if rng.random() < self.cfg.caption_dropout:
+                caption = ""
+            batch.append((self.normalizer.normalize(latent), caption, raw["__key__"]))
+            index += 1
+            if len(batch) == self.cfg.batch_size:
+                yield self._collate(batch)
+                batch = []
+
+    def _field(self, raw: dict[str, Any]) -> LatentField:
+        return LatentField.detect(raw, self.cfg.latent_key)
+
+    def _check_skip_rate(self, reads: int, raw: dict[str, Any], exc: SampleError) -> None:
+        log.warning("skipping sample %s in %s: %s", raw.get("__key__"), raw.get("__url__"), exc)
+        self.total_bad += 1
+        self.total_reads = max(self.total_reads, reads)
+        if reads >= 100 and self.total_bad > self.cfg.max_skip_fraction * reads:
+            raise DataError(f"{self.total_bad} of {reads} samples read were bad (last: {exc}); check the shards")
+
+    def _collate(self, batch: list[tuple[np.ndarray, str, str]]) -> dict[str, Any]:
+        latents = torch.from_numpy(np.stack([b[0] for b in batch]))
+        tokens = self.tokenizer([b[1] for b in batch])
+        skipped, self.skipped = dict(self.skipped), Counter()
+        return {"latents": latents, "tokens": tokens, "keys": [b[2] for b in batch], "skipped": skipped}
+
+    def _one_pass(self, slot_plan: SlotPlan) -> Iterator[dict[str, Any]]:
+        """The slot's own samples, once, in reading order."""
+        position = 0
+        for shard_index in slot_plan.shards:
+            url = self.shard_set.shards[shard_index].url
+            for raw in iter_raw_samples(url, self._shard_error):
+                if position % slot_plan.stride == slot_plan.offset:
+                    raw["__url__"] = url
+                    yield raw
+                position += 1
+
+    def _shard_error(self, reason: str) -> None:
+        log.warning("%s", reason)
+        self.errors.append(reason)
+        self.skipped["shard_error"] += 1
+
+    def _shuffled(self, slot_plan: SlotPlan, epoch: int, slot: int) -> Iterator[dict[str, Any]]:
+        """One shuffled pass over the slot's samples, then more passes if the slot must pad (see plan.py).
+
+        The buffer drains at the end of each pass, so a pass never mixes with the next: no sample is seen twice
+        before every sample of the slot was seen once.
+        """
+        size = self.cfg.shuffle_buffer if self.cfg.shuffle else 0
+        for cycle in count():
+            rng = random.Random(f"{self.seed}/{epoch}/{slot}/{cycle}")  # str seeds are stable across processes
+            yielded = 0
+            for raw in shuffle_buffer(self._one_pass(slot_plan), size, rng):
+                yielded += 1
+                yield raw
+            if yielded == 0:
+                raise DataError(f"no readable samples in this worker's shards ({'; '.join(self.errors[:3])})")
+
+
+def shuffle_buffer(source: Iterator[dict[str, Any]], size: int, rng: random.Random) -> Iterator[dict[str, Any]]:
+    """webdataset-style buffered shuffle of a finite stream; drains the buffer at the end."""
+    if size <= 1:
+        yield from source
+        return
+    buffer = list(islice(source, size))
+    for raw in source:
+        i = rng.randrange(len(buffer))
+        buffer[i], raw = raw, buffer[i]
+        yield raw
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+def build_dataloader(stream: LatentStream) -> DataLoader:
+    """Batches are made in the workers (batch_size=None); persistent workers keep the epoch loop alive."""
+    cfg = stream.cfg
+    return DataLoader(
+        stream,
+        batch_size=None,
+        num_workers=cfg.num_workers,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=cfg.num_workers > 0,
+        prefetch_factor=cfg.prefetch_factor if cfg.num_workers > 0 else None,
+        multiprocessing_context="spawn" if cfg.num_workers > 0 and torch.cuda.is_initialized() else None,
+    )
+
+
+def probe_dataset(shard_set: ShardSet, cfg: LatentDataConfig, latent_channels: int) -> tuple[int, ...]:
+    """Check the first sample before training starts; returns the latent shape (C, h, w).
+
+    Problems that would make every sample bad (no caption, wrong channel count) are errors here, with the shard
+    named, instead of thousands of counted skips later.
+    """
+    url = shard_set.shards[0].url
+    problems: list[str] = []
+    raw = next(iter(iter_raw_samples(url, problems.append)), None)
+    if raw is None:
+        raise DataError(problems[0] if problems else f"shard {url} holds no samples")
+    where = f"shard {url}, sample {raw['__key__']!r}"
+    try:
+        field = LatentField.detect(raw, cfg.latent_key)
+        decode_caption(raw)
+        latent = decode_latent(raw, field, latent_channels, np.random.default_rng(0))
+    except SampleError as exc:
+        if exc.reason == "wrong_channels":
+            raise DataError(f"{where}: {exc} (model.unet.in_channels); wrong dataset or model size?") from None
+        raise DataError(f"{where}: {exc}") from None
+    return tuple(latent.shape)

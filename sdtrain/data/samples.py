@@ -1,0 +1,100 @@
+"""Decode one raw shard sample (bytes per extension) into a training latent and a caption.
+
+Every way a sample can be bad maps to a short reason code; the loader skips the sample and counts the code.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+# Extensions that may hold latents, and what they hold. `npy` is the MLPerf SD v2 reference's name for moments.
+LATENT_EXTENSIONS = {"moments.npy": "moments", "latent.npy": "latent", "npy": "moments"}
+# Same clamp as diffusers' DiagonalGaussianDistribution, so a posterior sample matches the VAE's own.
+LOGVAR_RANGE = (-30.0, 20.0)
+
+
+class SampleError(Exception):
+    """A sample that cannot be used; `reason` is a short code counted by the loader."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class LatentField:
+    """Which tar extension holds the latents and whether it is moments (mean ++ logvar) or one sample."""
+
+    extension: str
+    kind: str  # "moments" | "latent"
+
+    @classmethod
+    def detect(cls, sample: dict[str, Any], requested: str = "auto") -> LatentField:
+        if requested != "auto":
+            if requested not in LATENT_EXTENSIONS:
+                raise SampleError("bad_config", f"data.latent_key must be auto or one of {sorted(LATENT_EXTENSIONS)}")
+            return cls(requested, LATENT_EXTENSIONS[requested])
+        for extension, kind in LATENT_EXTENSIONS.items():
+            if extension in sample:
+                return cls(extension, kind)
+        present = sorted(k for k in sample if not k.startswith("__"))
+        raise SampleError("missing_latent", f"no moments.npy/latent.npy/npy in sample (has {present})")
+
+
+def load_array(data: bytes) -> np.ndarray:
+    """A float array from .npy bytes: leading singleton axes squeezed (MLPerf stores (1, 8, 64, 64))."""
+    try:
+        array = np.load(io.BytesIO(data), allow_pickle=False)
+    except Exception as exc:  # noqa: BLE001 - np.load raises many types for garbage input
+        raise SampleError("bad_npy", f"cannot parse .npy: {exc}") from None
+    while array.ndim > 3 and array.shape[0] == 1:
+        array = array[0]
+    if array.ndim != 3:
+        raise SampleError("bad_shape", f"latents must be (C, h, w), got shape {array.shape}")
+    if array.dtype not in (np.float16, np.float32, np.float64):
+        raise SampleError("bad_dtype", f"latents must be float16/float32, got {array.dtype}")
+    return array
+
+
+def latent_channels(array: np.ndarray, kind: str) -> int:
+    return array.shape[0] // 2 if kind == "moments" else array.shape[0]
+
+
+def posterior_sample(array: np.ndarray, kind: str, rng: np.random.Generator) -> np.ndarray:
+    """One draw z ~ N(mean, exp(logvar)) for moments; the latent itself otherwise. float32, unscaled."""
+    array = array.astype(np.float32, copy=False)
+    if kind == "latent":
+        return array
+    if array.shape[0] % 2:
+        raise SampleError("bad_shape", f"moments need an even channel count (mean ++ logvar), got {array.shape[0]}")
+    mean, logvar = np.split(array, 2, axis=0)
+    std = np.exp(0.5 * np.clip(logvar, *LOGVAR_RANGE))
+    return mean + std * rng.standard_normal(mean.shape, dtype=np.float32)
+
+
+def decode_caption(sample: dict[str, Any]) -> str:
+    if "txt" not in sample:
+        raise SampleError("missing_caption", "sample has no 'txt' caption")
+    try:
+        return sample["txt"].decode("utf-8")
+    except UnicodeDecodeError:
+        raise SampleError("bad_caption", "caption is not valid UTF-8") from None
+
+
+def decode_latent(
+    sample: dict[str, Any], field: LatentField, expect_channels: int, rng: np.random.Generator
+) -> np.ndarray:
+    """The unscaled posterior sample of a raw sample, checked for shape and finiteness."""
+    if field.extension not in sample:
+        raise SampleError("missing_latent", f"sample has no {field.extension!r}")
+    array = load_array(sample[field.extension])
+    channels = latent_channels(array, field.kind)
+    if channels != expect_channels:
+        raise SampleError("wrong_channels", f"{channels} latent channels, model expects {expect_channels}")
+    if not np.isfinite(array).all():
+        raise SampleError("non_finite", "latents contain NaN or Inf")
+    return posterior_sample(array, field.kind, rng)

@@ -1,0 +1,148 @@
+"""Find the shards of a latent dataset and how many samples each holds.
+
+`data.shards` may be a brace pattern (`/d/{000000..000009}.tar`), a glob (`/d/*.tar`), a list of either, a
+`manifest.json` (or a folder holding one). The manifest (shared/spec/latent-shards.md) gives exact sample
+counts; local shards without one are counted by reading their tar headers once.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import tarfile
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import braceexpand
+from webdataset.gopen import gopen
+from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_iterator
+
+from sdtrain.errors import DataError
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_FORMAT = "sdtrain-latents"
+
+
+@dataclass(frozen=True, slots=True)
+class Shard:
+    url: str
+    num_samples: int
+
+
+@dataclass(frozen=True, slots=True)
+class ShardSet:
+    """The shards of one dataset plus what its manifest says about the VAE and latents (empty if none)."""
+
+    shards: tuple[Shard, ...]
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def total_samples(self) -> int:
+        return sum(s.num_samples for s in self.shards)
+
+    @property
+    def sample_counts(self) -> list[int]:
+        return [s.num_samples for s in self.shards]
+
+
+def _has_scheme(url: str) -> bool:
+    return "://" in url or url.startswith("pipe:")
+
+
+def read_manifest(path: str) -> ShardSet:
+    """Read a manifest.json; shard urls are relative to its folder unless absolute or with a scheme."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            manifest = json.load(f)
+    except OSError as exc:
+        raise DataError(f"cannot read manifest {path}: {exc.strerror}") from None
+    except json.JSONDecodeError as exc:
+        raise DataError(f"manifest {path} is not valid JSON: {exc}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        raise DataError(f"{path} is not an sdtrain latent manifest (format != {MANIFEST_FORMAT!r})")
+    base = os.path.dirname(os.path.abspath(path))
+    shards = []
+    for entry in manifest.get("shards", []):
+        url = entry["url"]
+        if not (os.path.isabs(url) or _has_scheme(url)):
+            url = os.path.join(base, url)
+        shards.append(Shard(url, int(entry["num_samples"])))
+    if not shards:
+        raise DataError(f"manifest {path} lists no shards")
+    return ShardSet(tuple(shards), manifest)
+
+
+def count_samples(url: str) -> int:
+    """Number of sample keys in a local tar, reading headers only (seeks past the payloads)."""
+    keys = set()
+    try:
+        with tarfile.open(url, mode="r:") as tar:
+            for member in tar:
+                key, _ = base_plus_ext(member.name)
+                if member.isreg() and key is not None and not os.path.basename(key).startswith("__"):
+                    keys.add(key)
+    except (tarfile.TarError, OSError) as exc:
+        raise DataError(f"cannot read shard {url}: {exc}") from None
+    return len(keys)
+
+
+def _expand_one(pattern: str) -> list[str]:
+    if pattern.endswith(".json") or os.path.isdir(pattern):
+        raise AssertionError("manifests are handled by resolve_shards")
+    if _has_scheme(pattern):
+        return list(braceexpand.braceexpand(pattern))
+    urls: list[str] = []
+    for expanded in braceexpand.braceexpand(pattern):
+        if glob.has_magic(expanded):
+            urls.extend(sorted(glob.glob(expanded)))
+        elif os.path.exists(expanded):
+            urls.append(expanded)
+        else:
+            raise DataError(f"shard not found: {expanded}")
+    return urls
+
+
+def resolve_shards(spec: str | Sequence[str] | None) -> ShardSet:
+    """Resolve `data.shards` to a ShardSet. Raises DataError naming the pattern when nothing matches."""
+    if spec is None or (isinstance(spec, str) and not spec.strip()):
+        raise DataError("data.shards is empty: give a manifest.json, a brace pattern, a glob or a list of shards")
+    patterns = [spec] if isinstance(spec, str) else list(spec)
+    if not patterns:
+        raise DataError("data.shards is an empty list")
+    if len(patterns) == 1:
+        only = patterns[0]
+        manifest = os.path.join(only, MANIFEST_NAME) if os.path.isdir(only) else only
+        if manifest.endswith(".json"):
+            return read_manifest(manifest)
+    urls: list[str] = []
+    for pattern in patterns:
+        if pattern.endswith(".json") or os.path.isdir(pattern):
+            raise DataError(f"a manifest ({pattern}) cannot be mixed with other shard patterns")
+        urls.extend(_expand_one(pattern))
+    if not urls:
+        raise DataError(f"no shards match data.shards={spec!r}")
+    remote = [u for u in urls if _has_scheme(u)]
+    if remote:
+        raise DataError(f"remote shards need a manifest.json with sample counts (first: {remote[0]})")
+    return ShardSet(tuple(Shard(u, count_samples(u)) for u in urls))
+
+
+def iter_raw_samples(url: str, on_error: Callable[[str], None]) -> Iterator[dict[str, Any]]:
+    """Raw samples (`__key__` plus bytes per extension) of one shard, in file order.
+
+    A shard that cannot be opened or is truncated ends early; `on_error(reason)` is told why, once.
+    """
+    try:
+        stream = gopen(url, "rb")
+    except Exception as exc:  # noqa: BLE001 - any opener failure is one counted, reported skip
+        on_error(f"cannot open shard {url}: {exc}")
+        return
+    try:
+        files = ({**f, "__url__": url} for f in tar_file_iterator(stream))
+        yield from group_by_keys(files)
+    except Exception as exc:  # noqa: BLE001 - truncated/corrupt tar: keep what was read, report the rest
+        on_error(f"shard {url} is truncated or corrupt: {type(exc).__name__}: {exc}")
+    finally:
+        stream.close()

@@ -1,0 +1,42 @@
+"""Loggers from `conf/logger/*`: csv (default), wandb (WANDB_MODE=offline works without network), none."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+
+from sdtrain.errors import ConfigError
+
+WANDB_ID_FILE = "wandb_run_id.txt"
+
+
+def _wandb_run_id(run_dir: str) -> str:
+    """The run id stored in the run folder, so a resumed run logs into the same W&B run."""
+    path = os.path.join(run_dir, WANDB_ID_FILE)
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            return f.read().strip()
+    import wandb
+
+    run_id = wandb.util.generate_id()
+    os.makedirs(run_dir, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(run_id)
+    return run_id
+
+
+def build_loggers(cfg: dict[str, Any], run_dir: str, rank: int) -> list[Logger]:
+    options = dict(cfg)
+    kind = options.pop("kind", "csv")
+    if kind == "none":
+        return []
+    if kind == "csv":
+        # A new version_N folder per (re)start: a resumed run never overwrites the earlier metrics.csv.
+        return [CSVLogger(save_dir=run_dir, name="logs", **options)]
+    if kind == "wandb":
+        # Only rank 0 creates the id file; other ranks' WandbLogger is a no-op (rank_zero_only experiment).
+        run_id = _wandb_run_id(run_dir) if rank == 0 else None
+        return [WandbLogger(save_dir=run_dir, id=run_id, resume="allow", **options)]
+    raise ConfigError(f"logger.kind={kind!r} is not known (csv, wandb, none)")

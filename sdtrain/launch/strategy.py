@@ -1,0 +1,33 @@
+"""Lightning strategies from `conf/strategy/*`: auto (single device) and DDP; gloo on CPU, NCCL on GPU."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lightning.pytorch.strategies import DDPStrategy, Strategy
+
+from sdtrain.errors import ConfigError
+
+DDP_OPTIONS = {
+    "find_unused_parameters", "static_graph", "gradient_as_bucket_view", "process_group_backend", "timeout_s",
+}
+
+
+def build_strategy(cfg: dict[str, Any]) -> Strategy | str:
+    options = dict(cfg)
+    name = options.pop("name", "auto")
+    if name == "auto":
+        if options:
+            raise ConfigError(f"strategy=auto takes no options, got {sorted(options)}")
+        return "auto"
+    if name == "ddp":
+        unknown = sorted(set(options) - DDP_OPTIONS)
+        if unknown:
+            raise ConfigError(f"unknown key strategy.{unknown[0]} (known: {', '.join(sorted(DDP_OPTIONS))})")
+        timeout_s = options.pop("timeout_s", None)
+        if timeout_s is not None:
+            from datetime import timedelta
+
+            options["timeout"] = timedelta(seconds=timeout_s)
+        return DDPStrategy(**options)
+    raise ConfigError(f"strategy.name={name!r} is not known (auto, ddp)")

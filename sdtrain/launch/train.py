@@ -1,0 +1,194 @@
+"""The training entry point: `python -m sdtrain.train` / `sdtrain-train` (the only @hydra.main).
+
+Config meets code here and nowhere else: each conf group becomes a typed dataclass, the parts are built, and
+Lightning runs. Any SdtrainError (bad data, bad config, missing file) ends the run with one line on stderr.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig
+
+from sdtrain.config import from_conf, to_plain
+from sdtrain.data.datamodule import LatentDataModule
+from sdtrain.data.loader import LatentDataConfig, LatentNormalizer, probe_dataset
+from sdtrain.data.shards import resolve_shards
+from sdtrain.diffusion.objective import DiffusionConfig, DiffusionObjective
+from sdtrain.diffusion.sampling import SamplingConfig
+from sdtrain.errors import CheckpointError, ConfigError, SdtrainError
+from sdtrain.launch.loggers import build_loggers
+from sdtrain.launch.strategy import build_strategy
+from sdtrain.models.diffusers_parts import UNetConfig, VAEConfig, build_unet, build_vae
+from sdtrain.models.ema import EMAConfig
+from sdtrain.models.text_encoder import TextEncoderConfig, build_text_encoder, build_tokenizer
+from sdtrain.training.callbacks.ema import EMACallback
+from sdtrain.training.callbacks.samples import SampleGridCallback
+from sdtrain.training.callbacks.speed import SpeedCallback
+from sdtrain.training.module import LatentDiffusionModule
+from sdtrain.training.optim import OptimConfig
+
+CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+log = logging.getLogger("sdtrain")
+
+
+@dataclass(kw_only=True, slots=True)
+class CheckpointConfig:
+    every_n_steps: int = 500
+    keep_last: int = 3
+    """Step checkpoints kept besides last.ckpt; -1 keeps all."""
+
+
+@dataclass(kw_only=True, slots=True)
+class SampleScheduleConfig:
+    every_n_steps: int = 500
+    at_end: bool = True
+
+
+def build_module(cfg: DictConfig, data: LatentDataConfig) -> tuple[LatentDiffusionModule, LatentDataModule]:
+    model = to_plain(cfg.model)
+    extra = sorted(set(model) - {"unet", "vae", "text_encoder"})
+    if extra:
+        raise ConfigError(f"unknown key model.{extra[0]} (known: text_encoder, unet, vae)")
+    unet_cfg = from_conf(UNetConfig, model.get("unet"), "model.unet")
+    text_cfg = from_conf(TextEncoderConfig, model.get("text_encoder"), "model.text_encoder")
+    if (unet_cfg.config or {}).get("addition_embed_type"):
+        raise ConfigError(
+            "model.unet.config.addition_embed_type is set (SDXL micro-conditioning), which the training step "
+            "does not feed yet; use model=tiny|sd15|sd2"
+        )
+    unet = build_unet(unet_cfg)
+    if unet_cfg.channels_last:
+        unet = unet.to(memory_format=__import__("torch").channels_last)
+    text_encoder = build_text_encoder(text_cfg)
+    if unet.config.cross_attention_dim != text_encoder.width:
+        raise ConfigError(
+            f"model.unet.config.cross_attention_dim={unet.config.cross_attention_dim} but the text encoder "
+            f"width is {text_encoder.width}"
+        )
+    tokenizer = build_tokenizer(text_cfg.context_length)
+
+    shard_set = resolve_shards(data.shards)
+    latent_shape = probe_dataset(shard_set, data, unet.config.in_channels)
+    normalizer = LatentNormalizer.resolve(data, shard_set.manifest)
+    datamodule = LatentDataModule(
+        shard_set, data, tokenizer, latent_channels=unet.config.in_channels, normalizer=normalizer, seed=cfg.seed
+    )
+    module = LatentDiffusionModule(
+        unet=unet,
+        text_encoder=text_encoder,
+        vae=build_vae(from_conf(VAEConfig, model.get("vae"), "model.vae")),
+        tokenizer=tokenizer,
+        objective=DiffusionObjective(from_conf(DiffusionConfig, cfg.diffusion, "diffusion")),
+        optim=from_conf(OptimConfig, cfg.optim, "optim"),
+        normalizer=normalizer,
+        latent_shape=latent_shape,
+    )
+    return module, datamodule
+
+
+def build_callbacks(cfg: DictConfig, run_dir: str) -> list[L.Callback]:
+    callbacks_cfg = to_plain(cfg.callbacks)
+    extra = sorted(set(callbacks_cfg) - {"checkpoint", "ema", "samples", "sampling"})
+    if extra:
+        raise ConfigError(f"unknown key callbacks.{extra[0]} (known: checkpoint, ema, samples, sampling)")
+    ckpt = from_conf(CheckpointConfig, callbacks_cfg.get("checkpoint"), "callbacks.checkpoint")
+    callbacks: list[L.Callback] = [
+        ModelCheckpoint(
+            dirpath=os.path.join(run_dir, "checkpoints"),
+            filename="step_{step:06d}",
+            auto_insert_metric_name=False,
+            every_n_train_steps=ckpt.every_n_steps,
+            save_top_k=ckpt.keep_last,
+            monitor="step" if ckpt.keep_last >= 0 else None,
+            mode="max",
+            save_last=True,
+            save_on_train_epoch_end=True,
+        ),
+        SpeedCallback(),
+    ]
+    ema = from_conf(EMAConfig, callbacks_cfg.get("ema"), "callbacks.ema")
+    if ema.enabled:
+        callbacks.append(EMACallback(ema))
+    schedule = from_conf(SampleScheduleConfig, callbacks_cfg.get("samples"), "callbacks.samples")
+    sampling = from_conf(SamplingConfig, callbacks_cfg.get("sampling"), "callbacks.sampling")
+    if schedule.every_n_steps > 0 or schedule.at_end:
+        callbacks.append(
+            SampleGridCallback(
+                sampling, out_dir=os.path.join(run_dir, "samples"), every_n_steps=schedule.every_n_steps,
+                at_end=schedule.at_end,
+            )
+        )
+    return callbacks
+
+
+def resolve_resume(resume: str | None, run_dir: str) -> str | None:
+    if resume in (None, "", "none", "null"):
+        return None
+    if resume == "auto":
+        last = os.path.join(run_dir, "checkpoints", "last.ckpt")
+        if os.path.exists(last):
+            log.info("resume=auto: continuing from %s", last)
+            return last
+        log.info("resume=auto: no checkpoint in %s, starting fresh", os.path.dirname(last))
+        return None
+    if not os.path.isfile(resume):
+        raise CheckpointError(f"resume checkpoint not found: {resume}")
+    return resume
+
+
+def run(cfg: DictConfig, run_dir: str) -> L.Trainer:
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    data = from_conf(LatentDataConfig, cfg.data, "data")
+    module, datamodule = build_module(cfg, data)
+    trainer_kwargs: dict[str, Any] = to_plain(cfg.trainer)
+    if not trainer_kwargs.get("max_steps") or trainer_kwargs["max_steps"] < 1:
+        raise ConfigError("trainer.max_steps must be >= 1 (the data stream is endless; steps set the length)")
+    try:
+        trainer = L.Trainer(
+            **trainer_kwargs,
+            strategy=build_strategy(to_plain(cfg.strategy)),
+            logger=build_loggers(to_plain(cfg.logger), run_dir, rank_zero_only.rank) or False,
+            callbacks=build_callbacks(cfg, run_dir),
+            default_root_dir=run_dir,
+            max_epochs=-1,
+            limit_val_batches=0,
+            num_sanity_val_steps=0,
+        )
+    except TypeError as exc:
+        raise ConfigError(f"trainer: {exc}") from None
+    ckpt_path = resolve_resume(cfg.resume, run_dir)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    except RuntimeError as exc:
+        if "Error(s) in loading state_dict" in str(exc):
+            first = str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else str(exc)
+            raise CheckpointError(f"checkpoint {ckpt_path} does not fit this model: {first}") from None
+        raise
+    return trainer
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
+def main(cfg: DictConfig) -> None:
+    run_dir = HydraConfig.get().runtime.output_dir
+    try:
+        run(cfg, run_dir)
+    except SdtrainError as exc:
+        # Errors re-raised from DataLoader workers carry the worker's traceback text; the last line is the message.
+        message = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

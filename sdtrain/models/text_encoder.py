@@ -1,0 +1,91 @@
+"""Frozen OpenCLIP text encoder (SD2 style: penultimate layer, then the final LayerNorm) and its BPE tokenizer.
+
+`tiny` builds a small random text tower (no weights exist offline); `sd2` builds ViT-H-14 and loads a local
+open_clip checkpoint. The tokenizer is always open_clip's real BPE (its vocab ships in the wheel).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import open_clip
+import torch
+from open_clip.model import CLIPTextCfg, _build_text_tower
+from torch import nn
+
+from sdtrain.errors import CheckpointError, ConfigError
+
+
+@dataclass(kw_only=True, slots=True)
+class TextEncoderConfig:
+    arch: str | None = None
+    """An open_clip model name (ViT-H-14 for SD2, ViT-L-14 for SD1.x) or None for a custom tower below."""
+    pretrained: str | None = None
+    """Local open_clip checkpoint (.bin/.pt/.safetensors); None = random init (tests, the CPU demo)."""
+    width: int = 256
+    heads: int = 4
+    layers: int = 4
+    context_length: int = 77
+    vocab_size: int = 49408
+    layer: str = "penultimate"
+    """penultimate (SD2) or last."""
+
+    def __post_init__(self) -> None:
+        if self.layer not in ("penultimate", "last"):
+            raise ValueError(f"layer must be penultimate or last, got {self.layer!r}")
+
+
+def build_tokenizer(context_length: int = 77) -> open_clip.tokenizer.SimpleTokenizer:
+    """open_clip's real BPE tokenizer; callable on a list of strings -> (B, context_length) int64."""
+    return open_clip.tokenizer.SimpleTokenizer(context_length=context_length)
+
+
+class FrozenOpenCLIPText(nn.Module):
+    """tokens (B, L) -> hidden states (B, L, width). Always in eval mode; no parameter takes gradients."""
+
+    def __init__(self, tower: nn.Module, layer: str) -> None:
+        super().__init__()
+        self.tower = tower
+        self.layer = layer
+        self.requires_grad_(False)
+        self.eval()
+
+    @property
+    def width(self) -> int:
+        return self.tower.width
+
+    def train(self, mode: bool = True) -> FrozenOpenCLIPText:  # frozen: Lightning's .train() must not flip it
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        layers = len(self.tower.transformer.resblocks)
+        index = layers - 1 if self.layer == "last" else layers - 2
+        out = self.tower.forward_intermediates(
+            tokens, indices=[index], stop_early=True, intermediates_only=True, output_fmt="NLC"
+        )
+        return self.tower.ln_final(out["text_intermediates"][0])
+
+
+def build_text_encoder(cfg: TextEncoderConfig) -> FrozenOpenCLIPText:
+    if cfg.arch is None:
+        if cfg.pretrained:
+            raise ConfigError("model.text_encoder.pretrained needs model.text_encoder.arch (an open_clip name)")
+        text_cfg = CLIPTextCfg(
+            context_length=cfg.context_length,
+            vocab_size=cfg.vocab_size,
+            width=cfg.width,
+            heads=cfg.heads,
+            layers=cfg.layers,
+        )
+        return FrozenOpenCLIPText(_build_text_tower(cfg.width, text_cfg), cfg.layer)
+    if cfg.arch not in open_clip.list_models():
+        raise ConfigError(f"model.text_encoder.arch={cfg.arch!r} is not an open_clip model name")
+    if cfg.pretrained is not None and not os.path.isfile(cfg.pretrained):
+        raise CheckpointError(f"text encoder weights not found: {cfg.pretrained}")
+    # force_custom_text gives the text tower as one module (model.text); the vision tower is dropped.
+    clip = open_clip.create_model(
+        cfg.arch, pretrained=cfg.pretrained, force_custom_text=True, pretrained_text=False, weights_only=True
+    )
+    return FrozenOpenCLIPText(clip.text, cfg.layer)

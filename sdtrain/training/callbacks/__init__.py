@@ -1,0 +1,1 @@
+"""Small callbacks: each schedules one thing and logs it (EMA, sample grids, throughput)."""

@@ -1,0 +1,93 @@
+"""Every N steps: a grid of fixed prompts x seeds from the EMA weights, to DIR/samples/ and the logger.
+
+Every rank renders its share of the images (padded to equal counts) and rank 0 gathers them. No rank waits for
+a long rank-0-only render, so collectives never time out, and the same code works when parameters are sharded.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from typing import Any
+
+import lightning as L
+import torch
+import torch.distributed as dist
+from lightning.pytorch.loggers import WandbLogger
+from torchvision.utils import make_grid, save_image
+
+from sdtrain.diffusion.sampling import SamplingConfig, generate
+from sdtrain.training.callbacks.ema import find_ema
+
+log = logging.getLogger(__name__)
+
+
+class SampleGridCallback(L.Callback):
+    def __init__(self, cfg: SamplingConfig, *, out_dir: str, every_n_steps: int, at_end: bool = True) -> None:
+        self.cfg = cfg
+        self.out_dir = out_dir
+        self.every_n_steps = every_n_steps
+        self.at_end = at_end
+        self._last_step = -1
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        step = trainer.global_step
+        if self.every_n_steps > 0 and step > 0 and step % self.every_n_steps == 0 and step != self._last_step:
+            self.render(trainer, pl_module)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.at_end and trainer.global_step != self._last_step:
+            self.render(trainer, pl_module)
+
+    def pairs(self) -> list[tuple[str, int]]:
+        return [(p, s) for p in self.cfg.prompts for s in self.cfg.seeds]
+
+    def render(self, trainer: L.Trainer, pl_module: L.LightningModule) -> str | None:
+        """All ranks call this; returns the PNG path on rank 0."""
+        self._last_step = trainer.global_step
+        pairs = self.pairs()
+        rank, world = trainer.global_rank, trainer.world_size
+        per_rank = math.ceil(len(pairs) / world)
+        mine = list(range(rank * per_rank, min(len(pairs), (rank + 1) * per_rank)))
+        # Pad with a repeat so every rank runs the same number of forward passes (needed under ZeRO-3/FSDP).
+        padded = mine + [mine[-1] if mine else 0] * (per_rank - len(mine))
+        ema = find_ema(trainer)
+        was_training = pl_module.unet.training
+        pl_module.unet.eval()
+        try:
+            with ema.swapped(pl_module) if ema is not None else torch.no_grad():
+                images = generate(
+                    unet=pl_module.unet,
+                    vae=pl_module.vae,
+                    text_encoder=pl_module.text_encoder,
+                    tokenizer=pl_module.tokenizer,
+                    denormalize=pl_module.normalizer.denormalize,
+                    prompts=[pairs[i][0] for i in padded],
+                    seeds=[pairs[i][1] for i in padded],
+                    latent_shape=pl_module.latent_shape,
+                    cfg=self.cfg,
+                    train_scheduler_config=pl_module.objective.cfg.scheduler_config(),
+                )
+        finally:
+            pl_module.unet.train(was_training)
+        ours = list(zip(mine, images[: len(mine)].cpu(), strict=True))
+        if world > 1 and dist.is_available() and dist.is_initialized():
+            gathered: list[Any] = [None] * world
+            dist.all_gather_object(gathered, ours)
+            ours = [item for part in gathered for item in part]
+        if rank != 0:
+            return None
+        ordered = [img for _, img in sorted(ours, key=lambda x: x[0])]
+        return self._save(trainer, torch.stack(ordered))
+
+    def _save(self, trainer: L.Trainer, images: torch.Tensor) -> str:
+        os.makedirs(self.out_dir, exist_ok=True)
+        path = os.path.join(self.out_dir, f"step_{trainer.global_step:06d}.png")
+        grid = make_grid(images, nrow=len(self.cfg.seeds), padding=2, pad_value=1.0)
+        save_image(grid, path)
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_image("samples", [path], step=trainer.global_step, caption=[f"step {trainer.global_step}"])
+        log.info("sample grid written to %s", path)
+        return path

@@ -1,0 +1,78 @@
+"""The documented CLI contract, run as users run it: python -m sdtrain.train experiment=tiny ..."""
+
+import csv
+import glob
+
+import pytest
+import torch
+from helpers import run_train
+from PIL import Image
+
+pytestmark = pytest.mark.slow
+FAST = ["trainer.enable_progress_bar=false", "data.num_workers=1", "callbacks.sampling.steps=3"]
+
+
+def _ckpt(path):
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def test_fit_writes_checkpoints_samples_and_metrics(tmp_path, dataset):
+    run = tmp_path / "run"
+    result = run_train(
+        run, f"data.shards={dataset}", "trainer.max_steps=6", "callbacks.samples.every_n_steps=3",
+        "callbacks.checkpoint.every_n_steps=3", *FAST,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (run / "checkpoints" / "last.ckpt").exists() and (run / "checkpoints" / "step_000003.ckpt").exists()
+    assert _ckpt(run / "checkpoints" / "last.ckpt")["global_step"] == 6
+    for step in (3, 6):
+        grid = Image.open(run / "samples" / f"step_{step:06d}.png")
+        # 2 prompts x 1 seed of 32x32 px (8x8 latents, 4x VAE), 2 px padding
+        assert grid.size == (2 + 32 + 2, 2 + 2 * (32 + 2))
+    with open(run / "logs" / "version_0" / "metrics.csv") as f:
+        losses = [float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")]
+    assert losses and all(loss > 0 for loss in losses)
+
+
+def test_resume_continues_global_step_lr_schedule_and_ema(tmp_path, dataset):
+    common = [f"data.shards={dataset}", "callbacks.checkpoint.every_n_steps=4", "callbacks.samples.every_n_steps=0",
+              "callbacks.samples.at_end=false", "optim.warmup_steps=6", *FAST]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert run_train(straight, "trainer.max_steps=8", *common).returncode == 0
+    assert run_train(split, "trainer.max_steps=4", *common).returncode == 0
+    resumed = run_train(split, "trainer.max_steps=8", "resume=auto", *common)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Restored all states from the checkpoint" in resumed.stdout + resumed.stderr
+    a, b = _ckpt(straight / "checkpoints" / "last.ckpt"), _ckpt(split / "checkpoints" / "last.ckpt")
+    assert a["global_step"] == b["global_step"] == 8
+    assert a["lr_schedulers"][0]["last_epoch"] == b["lr_schedulers"][0]["last_epoch"] == 8
+    assert a["optimizer_states"][0]["param_groups"][0]["lr"] == b["optimizer_states"][0]["param_groups"][0]["lr"]
+    ema_a, ema_b = a["callbacks"]["EMACallback"], b["callbacks"]["EMACallback"]
+    assert ema_a["num_updates"] == ema_b["num_updates"] == 8
+    # the EMA was carried over, not restarted: after resume it differs from the raw weights it would copy
+    name = next(iter(ema_b["shadow"]))
+    assert not torch.equal(ema_b["shadow"][name], b["state_dict"][f"unet.{name}"])
+    # a resumed run keeps the first run's metrics (new version folder)
+    assert (split / "logs" / "version_0" / "metrics.csv").exists() and (split / "logs" / "version_1").exists()
+
+
+def test_resume_from_explicit_path(tmp_path, dataset):
+    first = tmp_path / "first"
+    common = [f"data.shards={dataset}", "callbacks.samples.at_end=false", "callbacks.samples.every_n_steps=0", *FAST]
+    assert run_train(first, "trainer.max_steps=3", *common).returncode == 0
+    second = run_train(tmp_path / "second", "trainer.max_steps=5", f"resume={first}/checkpoints/last.ckpt", *common)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert _ckpt(tmp_path / "second" / "checkpoints" / "last.ckpt")["global_step"] == 5
+
+
+def test_wandb_offline_writes_a_run_directory(tmp_path, dataset):
+    run = tmp_path / "run"
+    result = run_train(
+        run, f"data.shards={dataset}", "logger=wandb", "trainer.max_steps=3", "callbacks.samples.every_n_steps=0",
+        *FAST, env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_id = (run / "wandb_run_id.txt").read_text().strip()
+    runs = glob.glob(str(run / "wandb" / f"offline-run-*-{run_id}"))
+    assert runs, list(run.rglob("*"))[:20]
+    assert glob.glob(f"{runs[0]}/run-{run_id}.wandb")

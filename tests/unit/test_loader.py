@@ -1,0 +1,126 @@
+import io
+import tarfile
+from collections import Counter
+from itertools import islice
+
+import numpy as np
+import pytest
+import torch
+
+from sdtrain.data.loader import LatentDataConfig, LatentNormalizer, LatentStream, build_dataloader, probe_dataset
+from sdtrain.data.shards import resolve_shards
+from sdtrain.errors import DataError
+from sdtrain.models.text_encoder import build_tokenizer
+from sdtrain.prep.shard_writer import npy_bytes
+
+TOKENIZER = build_tokenizer()
+
+
+def stream(spec, rank=0, world=1, start_batch=0, **cfg):
+    cfg = LatentDataConfig(shards=str(spec), **{"batch_size": 4, "num_workers": 2, "shuffle_buffer": 8, **cfg})
+    return LatentStream(
+        resolve_shards(str(spec)), cfg, TOKENIZER, latent_channels=4, normalizer=LatentNormalizer(),
+        rank=rank, world_size=world, seed=7, start_batch=start_batch,
+    )
+
+
+def take(ds, n):
+    return list(islice(iter(build_dataloader(ds)), n))
+
+
+def test_two_ranks_two_workers_see_every_sample_once_per_epoch(dataset):
+    keys = []
+    for rank in range(2):
+        ds = stream(dataset, rank=rank, world=2, caption_dropout=0.0)
+        per_rank = ds.plan(0).batches_per_slot * ds.workers  # one epoch of this rank
+        batches = take(ds, per_rank)
+        assert all(b["latents"].shape == (4, 4, 8, 8) for b in batches)
+        keys += [k for b in batches for k in b["keys"]]
+    assert len(keys) == 64 and len(set(keys)) == 64
+
+
+def test_every_rank_yields_the_same_number_of_batches_with_uneven_shards(tmp_path):
+    from helpers import make_dataset
+
+    manifest = make_dataset(tmp_path, n=70, per_shard=16)  # shards of 16,16,16,16,6
+    plans = [stream(manifest, rank=r, world=2).plan(0) for r in range(2)]
+    assert plans[0].batches_per_slot == plans[1].batches_per_slot == 70 // (4 * 4)
+
+
+def test_caption_dropout_rate_within_tolerance(dataset):
+    batches = take(stream(dataset, caption_dropout=0.3), 320)  # 1,280 captions
+    tokens = torch.cat([b["tokens"] for b in batches])
+    empty = (tokens[:, 1] == TOKENIZER.eot_token_id).float().mean().item()
+    assert abs(empty - 0.3) < 0.05  # 4 sigma of a binomial(1280, 0.3) rate
+
+
+def test_resumed_stream_continues_exactly(dataset):
+    full = take(stream(dataset), 13)
+    resumed = take(stream(dataset, start_batch=5), 8)
+    for a, b in zip(full[5:], resumed, strict=True):
+        assert a["keys"] == b["keys"]
+        assert torch.equal(a["latents"], b["latents"]) and torch.equal(a["tokens"], b["tokens"])
+
+
+def test_normalizer_applies_shift_then_scale(dataset):
+    z = np.ones((4, 2, 2), np.float32) * 3
+    norm = LatentNormalizer(scale=0.5, shift=[1.0, 2.0, 3.0, 4.0])
+    x = norm.normalize(z)
+    assert np.allclose(x[:, 0, 0], [1.0, 0.5, 0.0, -0.5])
+    assert torch.allclose(norm.denormalize(torch.from_numpy(x)), torch.from_numpy(z))
+
+
+def _add(tar, name, data: bytes):
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _bad_shard(path):
+    good = np.zeros((8, 8, 8), np.float16)
+    with tarfile.open(path, "w") as tar:
+        for i in range(12):
+            _add(tar, f"g{i:03d}.moments.npy", npy_bytes(good))
+            _add(tar, f"g{i:03d}.txt", f"good {i}".encode())
+        _add(tar, "b1.moments.npy", b"not a npy file")
+        _add(tar, "b1.txt", b"bad npy")
+        _add(tar, "b2.moments.npy", npy_bytes(good))  # no caption
+        _add(tar, "b3.moments.npy", npy_bytes(good))
+        _add(tar, "b3.txt", b"\xff\xfe bad utf8")
+        _add(tar, "b4.moments.npy", npy_bytes(np.full((8, 8, 8), np.nan, np.float32)))
+        _add(tar, "b4.txt", b"nan")
+        _add(tar, "b5.moments.npy", npy_bytes(np.zeros((6, 8, 8), np.float32)))  # 3 channels
+        _add(tar, "b5.txt", b"wrong channels")
+        _add(tar, "b6.moments.npy", npy_bytes(np.zeros((8, 8), np.float32)))
+        _add(tar, "b6.txt", b"wrong rank")
+        _add(tar, "b7.moments.npy", npy_bytes(np.zeros((8, 8, 8), np.int32)))
+        _add(tar, "b7.txt", b"int dtype")
+
+
+def test_corrupt_samples_and_truncated_shard_are_skipped_and_counted(tmp_path):
+    _bad_shard(tmp_path / "000000.tar")
+    _bad_shard(tmp_path / "000001.tar")
+    whole = (tmp_path / "000001.tar").read_bytes()
+    (tmp_path / "000001.tar").write_bytes(whole[: len(whole) // 3])  # truncated mid-file
+    ds = stream(f"{tmp_path}/*.tar", num_workers=0, shuffle_buffer=0, caption_dropout=0.0, batch_size=2)
+    skipped = Counter()
+    for batch in take(ds, 12):
+        skipped.update(batch["skipped"])
+        assert torch.isfinite(batch["latents"]).all()
+    assert skipped["bad_npy"] >= 1 and skipped["missing_caption"] >= 1 and skipped["bad_caption"] >= 1
+    assert skipped["non_finite"] >= 1 and skipped["wrong_channels"] >= 1 and skipped["bad_shape"] >= 1
+    assert skipped["bad_dtype"] >= 1
+
+
+def test_probe_names_missing_caption_and_wrong_channels(tmp_path):
+    with tarfile.open(tmp_path / "000000.tar", "w") as tar:
+        _add(tar, "a.moments.npy", npy_bytes(np.zeros((8, 4, 4), np.float16)))
+    cfg = LatentDataConfig(shards=str(tmp_path / "000000.tar"))
+    with pytest.raises(DataError, match="000000.tar, sample 'a': missing_caption"):
+        probe_dataset(resolve_shards(cfg.shards), cfg, latent_channels=4)
+    with tarfile.open(tmp_path / "000000.tar", "w") as tar:
+        _add(tar, "a.moments.npy", npy_bytes(np.zeros((8, 4, 4), np.float16)))
+        _add(tar, "a.txt", b"caption")
+    assert probe_dataset(resolve_shards(cfg.shards), cfg, latent_channels=4) == (4, 4, 4)
+    with pytest.raises(DataError, match="4 latent channels, model expects 16"):
+        probe_dataset(resolve_shards(cfg.shards), cfg, latent_channels=16)

@@ -1,0 +1,41 @@
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from sdtrain.launch.train import CONF_DIR
+from sdtrain.models.text_encoder import FrozenOpenCLIPText, TextEncoderConfig, build_text_encoder, build_tokenizer
+
+
+def test_real_bpe_tokenizer():
+    tokens = build_tokenizer()(["a cat", ""])
+    assert tokens.shape == (2, 77)
+    assert tokens[0, :4].tolist() == [49406, 320, 2368, 49407]  # <start> a</w> cat</w> <end> in CLIP's vocab
+    assert tokens[1, :3].tolist() == [49406, 49407, 0]
+
+
+def test_text_encoder_is_frozen_and_uses_the_penultimate_layer():
+    torch.manual_seed(0)
+    enc = build_text_encoder(TextEncoderConfig(width=32, heads=2, layers=3))
+    assert isinstance(enc, FrozenOpenCLIPText)
+    assert not any(p.requires_grad for p in enc.parameters())
+    enc.train()
+    assert not enc.training
+    tokens = build_tokenizer()(["a red apple"])
+    tower = enc.tower
+    x, mask = tower._embeds(tokens)
+    for block in tower.transformer.resblocks[:-1]:
+        x = block(x, attn_mask=mask)
+    assert torch.allclose(enc(tokens), tower.ln_final(x), atol=1e-6)
+    assert enc(tokens).shape == (1, 77, 32)
+
+
+@pytest.mark.parametrize(("preset", "millions"), [("sd15", 859.5), ("sd2", 865.9), ("sdxl", 2567.5)])
+def test_size_presets_are_the_real_sd_unets(preset, millions):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=[f"model={preset}"])
+    config = OmegaConf.to_container(cfg.model.unet.config)
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(config)
+    assert sum(p.numel() for p in unet.parameters()) / 1e6 == pytest.approx(millions, abs=0.5)

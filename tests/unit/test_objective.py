@@ -1,0 +1,59 @@
+import pytest
+import torch
+from diffusers import DDPMScheduler
+
+from sdtrain.diffusion.objective import DiffusionConfig, DiffusionObjective
+
+
+def _batch(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.randn(16, 4, 8, 8, generator=g)
+    noise = torch.randn(16, 4, 8, 8, generator=g)
+    t = torch.randint(0, 1000, (16,), generator=g)
+    return x0, noise, t
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_targets_match_diffusers_and_the_closed_form(prediction_type):
+    cfg = DiffusionConfig(prediction_type=prediction_type)
+    objective = DiffusionObjective(cfg)
+    reference = DDPMScheduler(
+        num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+        prediction_type=prediction_type,
+    )
+    x0, noise, t = _batch()
+    noisy, target = objective.noisy_and_target(x0, noise, t)
+    assert torch.allclose(noisy, reference.add_noise(x0, noise, t), atol=1e-6)
+    # closed form from the schedule's definition: betas linear in sqrt space
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+    abar = torch.cumprod(1 - betas, 0)[t].view(-1, 1, 1, 1)
+    assert torch.allclose(noisy.double(), abar.sqrt() * x0 + (1 - abar).sqrt() * noise, atol=1e-5)
+    if prediction_type == "epsilon":
+        assert torch.equal(target, noise)
+    else:
+        assert torch.allclose(target, reference.get_velocity(x0, noise, t), atol=1e-6)
+        assert torch.allclose(target.double(), abar.sqrt() * noise - (1 - abar).sqrt() * x0, atol=1e-5)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_min_snr_weights(prediction_type):
+    objective = DiffusionObjective(DiffusionConfig(prediction_type=prediction_type, min_snr_gamma=5.0))
+    t = torch.tensor([0, 100, 500, 999])
+    abar = objective.scheduler.alphas_cumprod[t].double()
+    snr = abar / (1 - abar)
+    expect = torch.minimum(snr, torch.tensor(5.0)) / (snr + 1 if prediction_type == "v_prediction" else snr)
+    assert torch.allclose(objective.loss_weights(t).double(), expect, rtol=1e-5)
+    pred, target = torch.zeros(4, 1, 2, 2), torch.ones(4, 1, 2, 2)
+    assert torch.isclose(objective.loss(pred, target, t), expect.float().mean(), rtol=1e-5)
+
+
+def test_plain_mse_and_offset_noise():
+    objective = DiffusionObjective(DiffusionConfig())
+    pred, target = torch.zeros(2, 4, 8, 8), torch.full((2, 4, 8, 8), 2.0)
+    assert objective.loss(pred, target, torch.tensor([1, 2])).item() == pytest.approx(4.0)
+    offset = DiffusionObjective(DiffusionConfig(offset_noise=0.5))
+    x = torch.zeros(512, 4, 16, 16)
+    plain = objective.sample_noise(x, torch.Generator().manual_seed(0))
+    shifted = offset.sample_noise(x, torch.Generator().manual_seed(0))
+    per_channel_mean = (shifted - plain).mean(dim=(2, 3))
+    assert per_channel_mean.std().item() == pytest.approx(0.5, rel=0.1)
