@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+
 import lightning as L
 from torch.utils.data import DataLoader
 
 from sdtrain.data.loader import LatentDataConfig, LatentNormalizer, LatentStream, Tokenizer, build_dataloader
 from sdtrain.data.shards import ShardSet
+
+log = logging.getLogger(__name__)
 
 
 class LatentDataModule(L.LightningDataModule):
@@ -32,6 +36,8 @@ class LatentDataModule(L.LightningDataModule):
         trainer = self.trainer
         # Lightning restores loop state before asking for the dataloader, so global_step is the resumed one.
         consumed = trainer.global_step * trainer.accumulate_grad_batches if trainer is not None else 0
+        if consumed:
+            log.info("data stream resumes after %d batches of this rank", consumed)
         stream = LatentStream(
             self.shard_set,
             self.cfg,

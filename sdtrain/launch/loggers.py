@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import secrets
+import string
 from typing import Any
 
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
@@ -18,9 +20,7 @@ def _wandb_run_id(run_dir: str) -> str:
     if os.path.exists(path):
         with open(path, encoding="utf-8") as f:
             return f.read().strip()
-    import wandb
-
-    run_id = wandb.util.generate_id()
+    run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))  # W&B's id shape
     os.makedirs(run_dir, exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
         f.write(run_id)

@@ -9,7 +9,11 @@ from lightning.pytorch.strategies import DDPStrategy, Strategy
 from sdtrain.errors import ConfigError
 
 DDP_OPTIONS = {
-    "find_unused_parameters", "static_graph", "gradient_as_bucket_view", "process_group_backend", "timeout_s",
+    "find_unused_parameters",
+    "static_graph",
+    "gradient_as_bucket_view",
+    "process_group_backend",
+    "timeout_s",
 }
 
 

@@ -35,6 +35,7 @@ from sdtrain.models.text_encoder import TextEncoderConfig, build_text_encoder, b
 from sdtrain.training.callbacks.ema import EMACallback
 from sdtrain.training.callbacks.samples import SampleGridCallback
 from sdtrain.training.callbacks.speed import SpeedCallback
+from sdtrain.training.checkpoint import AtomicCheckpointIO, find_resume_checkpoint, load_checkpoint_file
 from sdtrain.training.module import LatentDiffusionModule
 from sdtrain.training.optim import OptimConfig
 
@@ -93,6 +94,7 @@ def build_module(cfg: DictConfig, data: LatentDataConfig) -> tuple[LatentDiffusi
         optim=from_conf(OptimConfig, cfg.optim, "optim"),
         normalizer=normalizer,
         latent_shape=latent_shape,
+        seed=cfg.seed,
     )
     return module, datamodule
 
@@ -125,7 +127,9 @@ def build_callbacks(cfg: DictConfig, run_dir: str) -> list[L.Callback]:
     if schedule.every_n_steps > 0 or schedule.at_end:
         callbacks.append(
             SampleGridCallback(
-                sampling, out_dir=os.path.join(run_dir, "samples"), every_n_steps=schedule.every_n_steps,
+                sampling,
+                out_dir=os.path.join(run_dir, "samples"),
+                every_n_steps=schedule.every_n_steps,
                 at_end=schedule.at_end,
             )
         )
@@ -136,14 +140,10 @@ def resolve_resume(resume: str | None, run_dir: str) -> str | None:
     if resume in (None, "", "none", "null"):
         return None
     if resume == "auto":
-        last = os.path.join(run_dir, "checkpoints", "last.ckpt")
-        if os.path.exists(last):
-            log.info("resume=auto: continuing from %s", last)
-            return last
-        log.info("resume=auto: no checkpoint in %s, starting fresh", os.path.dirname(last))
-        return None
+        return find_resume_checkpoint(os.path.join(run_dir, "checkpoints"))
     if not os.path.isfile(resume):
         raise CheckpointError(f"resume checkpoint not found: {resume}")
+    load_checkpoint_file(resume, mmap=True)  # a damaged file fails here, with its name, before any work
     return resume
 
 
@@ -160,6 +160,7 @@ def run(cfg: DictConfig, run_dir: str) -> L.Trainer:
             strategy=build_strategy(to_plain(cfg.strategy)),
             logger=build_loggers(to_plain(cfg.logger), run_dir, rank_zero_only.rank) or False,
             callbacks=build_callbacks(cfg, run_dir),
+            plugins=[AtomicCheckpointIO()],
             default_root_dir=run_dir,
             max_epochs=-1,
             limit_val_batches=0,
@@ -172,7 +173,8 @@ def run(cfg: DictConfig, run_dir: str) -> L.Trainer:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     except RuntimeError as exc:
         if "Error(s) in loading state_dict" in str(exc):
-            first = str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else str(exc)
+            lines = str(exc).strip().splitlines()
+            first = lines[1].strip() if len(lines) > 1 else lines[0]
             raise CheckpointError(f"checkpoint {ckpt_path} does not fit this model: {first}") from None
         raise
     return trainer

@@ -26,7 +26,17 @@ from sdtrain.prep.shard_writer import LatentSample, write_shards
 from sdtrain.prep.vae_training import VAETrainConfig, encode_moments, latent_statistics, psnr, train_vae
 
 log = logging.getLogger("sdtrain.demo")
-PROMPTS = ["red apple", "grinning face", "fire", "green heart", "sun", "banana", "dog face", "snowman"]
+
+
+def demo_prompts() -> list[str]:
+    """The sample-grid prompts of conf/experiment/demo.yaml (one place), for the matching grid of real images."""
+    from hydra import compose, initialize_config_dir
+
+    from sdtrain.launch.train import CONF_DIR
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=["experiment=demo"])
+    return list(cfg.callbacks.sampling.prompts)
 
 
 def prepare(out: str, image_size: int, vae_seconds: float) -> tuple[str, str]:
@@ -47,7 +57,10 @@ def prepare(out: str, image_size: int, vae_seconds: float) -> tuple[str, str]:
         mean_image = x.mean(dim=0, keepdim=True).expand_as(x)
     log.info(
         "vae: %d steps in %.0fs, held-out PSNR %.2f dB (mean-image baseline %.2f dB)",
-        len(losses), time.perf_counter() - t0, psnr(recon, x), psnr(mean_image, x),
+        len(losses),
+        time.perf_counter() - t0,
+        psnr(recon, x),
+        psnr(mean_image, x),
     )
     vae_dir = os.path.join(out, "vae")
     moments = encode_moments(vae, pixels)
@@ -58,13 +71,18 @@ def prepare(out: str, image_size: int, vae_seconds: float) -> tuple[str, str]:
         LatentSample(p.key, m, p.caption, {"width": image_size, "height": image_size, "source": "twemoji"})
         for p, m in zip(pairs, moments, strict=True)
     )
-    vae_info = {"name": "sdtrain-demo-vae", "scaling_factor": scale, "shift_factor": shift,
-                "latent_channels": moments.shape[1] // 2}
+    vae_info = {
+        "name": "sdtrain-demo-vae",
+        "scaling_factor": scale,
+        "shift_factor": shift,
+        "latent_channels": moments.shape[1] // 2,
+    }
     write_shards(samples, os.path.join(out, "latents"), samples_per_shard=256, vae=vae_info)
     by_caption = {p.caption: i for i, p in enumerate(pairs)}
-    real = [torch.from_numpy(pixels[by_caption[c]]) for c in PROMPTS if c in by_caption]
-    save_image(make_grid((torch.stack(real) + 1) / 2, nrow=1, padding=2, pad_value=1.0),
-               os.path.join(out, "real_grid.png"))
+    real = [torch.from_numpy(pixels[by_caption[c]]) for c in demo_prompts() if c in by_caption]
+    save_image(
+        make_grid((torch.stack(real) + 1) / 2, nrow=1, padding=2, pad_value=1.0), os.path.join(out, "real_grid.png")
+    )
     return vae_dir, os.path.join(out, "latents", "manifest.json")
 
 
@@ -81,8 +99,14 @@ def main(argv: list[str] | None = None) -> int:
     vae_dir, manifest = prepare(args.out, args.image_size, args.vae_seconds)
     run_dir = os.path.abspath(os.path.join(args.out, "run"))
     cmd = [
-        sys.executable, "-m", "sdtrain.train", "experiment=demo", f"data.shards={os.path.abspath(manifest)}",
-        f"model.vae.pretrained={os.path.abspath(vae_dir)}", f"hydra.run.dir={run_dir}", *args.overrides,
+        sys.executable,
+        "-m",
+        "sdtrain.train",
+        "experiment=demo",
+        f"data.shards={os.path.abspath(manifest)}",
+        f"model.vae.pretrained={os.path.abspath(vae_dir)}",
+        f"hydra.run.dir={run_dir}",
+        *args.overrides,
     ]
     log.info("training the U-Net: %s", " ".join(cmd))
     code = subprocess.call(cmd)

@@ -1,17 +1,38 @@
-"""The LightningModule: one training step = text encode (frozen) -> noise -> U-Net -> weighted MSE."""
+"""The LightningModule: one training step = text encode (frozen) -> noise -> U-Net -> weighted MSE.
+
+Reproducibility: the noise and timesteps of every micro-batch come from a generator seeded by
+(seed, rank, global step, micro-batch), so a resumed run draws exactly what the uninterrupted one would have,
+with no generator state to carry. The global torch/numpy/python RNG states of every rank are saved as well
+(for anything else random, e.g. dropout) and put back before the first step after a resume.
+"""
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from sdtrain.data.loader import LatentNormalizer, Tokenizer
 from sdtrain.diffusion.objective import DiffusionObjective
+from sdtrain.errors import CheckpointError, SdtrainError
 from sdtrain.training.optim import OptimConfig, build_optimizer
+from sdtrain.training.rng import get_rng_state, set_rng_state
+
+log = logging.getLogger(__name__)
+
+
+def step_generator(seed: int, rank: int, step: int, micro_batch: int, device: torch.device) -> torch.Generator:
+    """The generator for the noise and timesteps of one micro-batch: a pure function of where it is in training."""
+    words = [seed, rank, step, micro_batch]
+    generator = torch.Generator(device=device)
+    generator.manual_seed(int(np.random.SeedSequence(words).generate_state(1, dtype=np.uint64)[0] >> 1))
+    return generator
 
 
 class LatentDiffusionModule(L.LightningModule):
@@ -28,6 +49,7 @@ class LatentDiffusionModule(L.LightningModule):
         optim: OptimConfig,
         normalizer: LatentNormalizer,
         latent_shape: tuple[int, ...],
+        seed: int = 0,
     ) -> None:
         super().__init__()
         self.unet = unet
@@ -38,29 +60,82 @@ class LatentDiffusionModule(L.LightningModule):
         self.optim = optim
         self.normalizer = normalizer
         self.latent_shape = latent_shape
+        self.seed = seed
         self.skipped: Counter[str] = Counter()
+        self.nonfinite_skips = 0
+        self._micro = (-1, 0)  # (global step, micro-batch index within it)
+        self._pending_rng: dict[str, Any] | None = None
 
     def forward(self, noisy: torch.Tensor, timesteps: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         return self.unet(noisy, timesteps, encoder_hidden_states=self.text_encoder(tokens)).sample
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+    def noise_generator(self, device: torch.device) -> torch.Generator:
+        step, micro = self._micro
+        self._micro = (self.global_step, micro + 1 if step == self.global_step else 0)
+        return step_generator(self.seed, self.global_rank, self.global_step, self._micro[1], device)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
         latents = batch["latents"]
-        noise = self.objective.sample_noise(latents)
-        timesteps = self.objective.sample_timesteps(latents.shape[0], latents.device)
+        generator = self.noise_generator(latents.device)
+        noise = self.objective.sample_noise(latents, generator)
+        timesteps = self.objective.sample_timesteps(latents.shape[0], latents.device, generator)
         noisy, target = self.objective.noisy_and_target(latents, noise, timesteps)
         loss = self.objective.loss(self(noisy, timesteps, batch["tokens"]), target, timesteps)
         self.skipped.update(batch.get("skipped") or {})
-        self.log("train/loss", loss, prog_bar=True)
         if self.skipped:
             self.log("data/skipped", float(sum(self.skipped.values())))
+        if not self._finite_everywhere(loss):
+            return self._skip_nonfinite(loss)
+        self.log("train/loss", loss, prog_bar=True)
         return loss
+
+    def _finite_everywhere(self, loss: torch.Tensor) -> bool:
+        finite = bool(torch.isfinite(loss).item())
+        if self.trainer.world_size > 1:  # every rank must take the same branch, or DDP's all-reduce hangs
+            finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
+        return finite
+
+    def _skip_nonfinite(self, loss: torch.Tensor) -> None:
+        self.nonfinite_skips += 1
+        self.log("train/nonfinite_skips", float(self.nonfinite_skips))
+        where = f"non-finite loss ({loss.item()}) at step {self.global_step} on some rank"
+        if self.optim.on_nonfinite_loss == "stop" or self.nonfinite_skips > self.optim.max_nonfinite_skips:
+            raise SdtrainError(
+                f"{where} (skipped {self.nonfinite_skips - 1} before; optim.on_nonfinite_loss="
+                f"{self.optim.on_nonfinite_loss}, max_nonfinite_skips={self.optim.max_nonfinite_skips})"
+            )
+        log.warning("%s: step skipped (%d so far)", where, self.nonfinite_skips)
+        return None  # Lightning skips backward and the parameter update
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self._pending_rng is not None:  # after the dataloader started, right before the first resumed step
+            set_rng_state(self._pending_rng)
+            self._pending_rng = None
 
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer, scheduler = build_optimizer(self.unet.parameters(), self.optim, self.trainer.max_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["sdtrain"] = {"latent_shape": list(self.latent_shape), "skipped": dict(self.skipped)}
+        # Lightning builds the checkpoint on every rank and rank 0 writes it: gather each rank's RNG state.
+        states = [get_rng_state()]
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            states = [None] * dist.get_world_size()
+            dist.all_gather_object(states, get_rng_state())
+        checkpoint["sdtrain"] = {
+            "latent_shape": list(self.latent_shape),
+            "skipped": dict(self.skipped),
+            "nonfinite_skips": self.nonfinite_skips,
+            "rng": states,
+        }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.skipped = Counter(checkpoint.get("sdtrain", {}).get("skipped", {}))
+        state = checkpoint.get("sdtrain", {})
+        self.skipped = Counter(state.get("skipped", {}))
+        self.nonfinite_skips = int(state.get("nonfinite_skips", 0))
+        saved = state.get("latent_shape")
+        if saved is not None and tuple(saved) != tuple(self.latent_shape):
+            raise CheckpointError(f"checkpoint was trained on latents {tuple(saved)}, the data has {self.latent_shape}")
+        rng = state.get("rng") or []
+        rank = self.trainer.global_rank if self._trainer is not None else 0
+        self._pending_rng = rng[rank] if rank < len(rng) else None

@@ -20,8 +20,14 @@ class OptimConfig:
     schedule: str = "constant"
     """constant | cosine (to min_lr_ratio * lr at trainer.max_steps)."""
     min_lr_ratio: float = 0.0
+    on_nonfinite_loss: str = "skip"
+    """skip: a NaN/Inf loss skips that step (counted, logged); stop: end the run with a clear message."""
+    max_nonfinite_skips: int = 100
+    """Stop anyway after this many skipped steps: a run that keeps diverging is not worth continuing."""
 
     def __post_init__(self) -> None:
+        if self.on_nonfinite_loss not in ("skip", "stop"):
+            raise ValueError(f"on_nonfinite_loss must be skip or stop, got {self.on_nonfinite_loss!r}")
         if self.schedule not in ("constant", "cosine"):
             raise ValueError(f"schedule must be constant or cosine, got {self.schedule!r}")
         if self.lr <= 0 or self.warmup_steps < 0:

@@ -25,7 +25,7 @@ def _no_caption_dataset(folder):
 
 CASES = {
     "empty_pattern": (["data.shards="], "data.shards is empty"),
-    "nonexistent": (["data.shards=/nonexistent/{000000..000003}.tar"], "shard not found: /nonexistent/000000.tar"),
+    "nonexistent": (["data.shards='/nonexistent/{000000..000003}.tar'"], "shard not found: /nonexistent/000000.tar"),
     "wrong_channels": (["model.unet.config.in_channels=8"], "4 latent channels, model expects 8"),
     "unknown_key_plus": (["+data.colour=red"], "unknown key data.colour"),
     "unknown_key": (["data.colour=red"], "Key 'colour' is not in struct"),
@@ -39,8 +39,11 @@ CASES = {
 def test_bad_input_gives_one_clear_line(tmp_path, dataset, case):
     overrides, message = CASES[case]
     args = [] if any(o.startswith("data.shards") for o in overrides) else [f"data.shards={dataset}"]
-    result = run_train(tmp_path / "run", *args, *overrides, "trainer.max_steps=2", timeout=120) if case != "max_steps" \
+    result = (
+        run_train(tmp_path / "run", *args, *overrides, "trainer.max_steps=2", timeout=120)
+        if case != "max_steps"
         else run_train(tmp_path / "run", *args, *overrides, timeout=120)
+    )
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
     assert message in result.stderr, result.stderr[-2000:]

@@ -9,7 +9,12 @@ from helpers import run_train
 from PIL import Image
 
 pytestmark = pytest.mark.slow
-FAST = ["trainer.enable_progress_bar=false", "data.num_workers=1", "callbacks.sampling.steps=3"]
+FAST = [
+    "trainer.enable_progress_bar=false",
+    "data.num_workers=1",
+    "callbacks.sampling.steps=3",
+    "trainer.log_every_n_steps=1",
+]
 
 
 def _ckpt(path):
@@ -19,8 +24,12 @@ def _ckpt(path):
 def test_fit_writes_checkpoints_samples_and_metrics(tmp_path, dataset):
     run = tmp_path / "run"
     result = run_train(
-        run, f"data.shards={dataset}", "trainer.max_steps=6", "callbacks.samples.every_n_steps=3",
-        "callbacks.checkpoint.every_n_steps=3", *FAST,
+        run,
+        f"data.shards={dataset}",
+        "trainer.max_steps=6",
+        "callbacks.samples.every_n_steps=3",
+        "callbacks.checkpoint.every_n_steps=3",
+        *FAST,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert (run / "checkpoints" / "last.ckpt").exists() and (run / "checkpoints" / "step_000003.ckpt").exists()
@@ -35,14 +44,21 @@ def test_fit_writes_checkpoints_samples_and_metrics(tmp_path, dataset):
 
 
 def test_resume_continues_global_step_lr_schedule_and_ema(tmp_path, dataset):
-    common = [f"data.shards={dataset}", "callbacks.checkpoint.every_n_steps=4", "callbacks.samples.every_n_steps=0",
-              "callbacks.samples.at_end=false", "optim.warmup_steps=6", *FAST]
+    common = [
+        f"data.shards={dataset}",
+        "callbacks.checkpoint.every_n_steps=4",
+        "callbacks.samples.every_n_steps=0",
+        "callbacks.samples.at_end=false",
+        "optim.warmup_steps=6",
+        *FAST,
+    ]
     straight, split = tmp_path / "straight", tmp_path / "split"
     assert run_train(straight, "trainer.max_steps=8", *common).returncode == 0
     assert run_train(split, "trainer.max_steps=4", *common).returncode == 0
     resumed = run_train(split, "trainer.max_steps=8", "resume=auto", *common)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "Restored all states from the checkpoint" in resumed.stdout + resumed.stderr
+    assert "data stream resumes after 4 batches of this rank" in resumed.stdout + resumed.stderr
     a, b = _ckpt(straight / "checkpoints" / "last.ckpt"), _ckpt(split / "checkpoints" / "last.ckpt")
     assert a["global_step"] == b["global_step"] == 8
     assert a["lr_schedulers"][0]["last_epoch"] == b["lr_schedulers"][0]["last_epoch"] == 8
@@ -68,11 +84,17 @@ def test_resume_from_explicit_path(tmp_path, dataset):
 def test_wandb_offline_writes_a_run_directory(tmp_path, dataset):
     run = tmp_path / "run"
     result = run_train(
-        run, f"data.shards={dataset}", "logger=wandb", "trainer.max_steps=3", "callbacks.samples.every_n_steps=0",
-        *FAST, env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"},
+        run,
+        f"data.shards={dataset}",
+        "logger=wandb",
+        "trainer.max_steps=3",
+        "callbacks.samples.every_n_steps=0",
+        *FAST,
+        env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"},
     )
     assert result.returncode == 0, result.stderr[-3000:]
     run_id = (run / "wandb_run_id.txt").read_text().strip()
     runs = glob.glob(str(run / "wandb" / f"offline-run-*-{run_id}"))
     assert runs, list(run.rglob("*"))[:20]
     assert glob.glob(f"{runs[0]}/run-{run_id}.wandb")
+    assert glob.glob(f"{runs[0]}/files/media/images/samples_*.png")  # the sample grid went to W&B too

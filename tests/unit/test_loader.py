@@ -19,8 +19,15 @@ TOKENIZER = build_tokenizer()
 def stream(spec, rank=0, world=1, start_batch=0, **cfg):
     cfg = LatentDataConfig(shards=str(spec), **{"batch_size": 4, "num_workers": 2, "shuffle_buffer": 8, **cfg})
     return LatentStream(
-        resolve_shards(str(spec)), cfg, TOKENIZER, latent_channels=4, normalizer=LatentNormalizer(),
-        rank=rank, world_size=world, seed=7, start_batch=start_batch,
+        resolve_shards(str(spec)),
+        cfg,
+        TOKENIZER,
+        latent_channels=4,
+        normalizer=LatentNormalizer(),
+        rank=rank,
+        world_size=world,
+        seed=7,
+        start_batch=start_batch,
     )
 
 

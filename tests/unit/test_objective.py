@@ -18,7 +18,10 @@ def test_targets_match_diffusers_and_the_closed_form(prediction_type):
     cfg = DiffusionConfig(prediction_type=prediction_type)
     objective = DiffusionObjective(cfg)
     reference = DDPMScheduler(
-        num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+        num_train_timesteps=1000,
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
         prediction_type=prediction_type,
     )
     x0, noise, t = _batch()

@@ -22,8 +22,11 @@ class EMACallback(L.Callback):
         self.ema = EMAWeights(pl_module.unet)
         if self._pending is not None:
             self.ema.load_state_dict(self._pending)
+            # trainer.global_step is not restored yet at on_fit_start; the saved step is the one to continue from
+            self._last_step = int(self._pending.get("last_step", trainer.global_step))
             self._pending = None
-        self._last_step = trainer.global_step
+        else:
+            self._last_step = trainer.global_step
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         step = trainer.global_step  # counts optimizer steps; unchanged across accumulation micro-batches
@@ -41,7 +44,9 @@ class EMACallback(L.Callback):
             yield
 
     def state_dict(self) -> dict[str, Any]:
-        return self.ema.state_dict() if self.ema is not None else (self._pending or {})
+        if self.ema is None:
+            return self._pending or {}
+        return {**self.ema.state_dict(), "last_step": self._last_step}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict:

@@ -1,0 +1,81 @@
+"""A run killed with SIGKILL and resumed equals the uninterrupted run, bit for bit."""
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from helpers import REPO, run_train
+
+pytestmark = pytest.mark.slow
+STEPS = 12
+COMMON = [
+    "trainer.enable_progress_bar=false",
+    "callbacks.checkpoint.every_n_steps=3",
+    "callbacks.checkpoint.keep_last=-1",
+    "callbacks.samples.every_n_steps=0",
+    "callbacks.samples.at_end=false",
+    "data.num_workers=2",
+    "data.caption_dropout=0.3",
+    "optim.warmup_steps=4",
+    "optim.schedule=cosine",
+    "callbacks.ema.decay=0.9",
+]
+
+
+def _ckpt(run):
+    return torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+
+
+def _kill_after_first_checkpoint(run, overrides):
+    cmd = [sys.executable, "-m", "sdtrain.train", "experiment=tiny", f"hydra.run.dir={run}", *overrides]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 240
+    while not (run / "checkpoints" / "step_000003.ckpt").exists():
+        assert proc.poll() is None and time.time() < deadline, "run ended before its first checkpoint"
+        time.sleep(0.05)
+    time.sleep(random.uniform(0.0, 1.0))  # a random step after the checkpoint
+    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and every rank/worker, no chance to clean up
+    proc.wait()
+    return torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["global_step"]
+
+
+def _assert_identical(a, b):
+    assert a["global_step"] == b["global_step"] == STEPS
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for name in a["state_dict"]:
+        assert torch.equal(a["state_dict"][name], b["state_dict"][name]), name
+    ema_a, ema_b = a["callbacks"]["EMACallback"], b["callbacks"]["EMACallback"]
+    assert ema_a["num_updates"] == ema_b["num_updates"]
+    for name in ema_a["shadow"]:
+        assert torch.equal(ema_a["shadow"][name], ema_b["shadow"][name]), f"ema {name}"
+    opt_a, opt_b = a["optimizer_states"][0], b["optimizer_states"][0]
+    assert opt_a["param_groups"] == opt_b["param_groups"]
+    for key in opt_a["state"]:
+        for field in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(opt_a["state"][key][field], opt_b["state"][key][field]), (key, field)
+    assert a["lr_schedulers"] == b["lr_schedulers"]
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        pytest.param([], id="1-process"),
+        pytest.param(["trainer.accumulate_grad_batches=2"], id="1-process-accumulate"),
+        pytest.param(["strategy=ddp", "trainer.devices=2"], id="2-process-ddp", marks=pytest.mark.distributed),
+    ],
+)
+def test_sigkill_and_resume_is_bitwise_identical(tmp_path, dataset, extra):
+    overrides = [f"data.shards={dataset}", f"trainer.max_steps={STEPS}", *COMMON, *extra]
+    straight = run_train(tmp_path / "a", *overrides, timeout=400)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    killed_at = _kill_after_first_checkpoint(tmp_path / "b", overrides)
+    assert 3 <= killed_at < STEPS
+    resumed = run_train(tmp_path / "b", *overrides, "resume=auto", timeout=400)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"global step {killed_at}" in resumed.stdout + resumed.stderr
+    _assert_identical(_ckpt(tmp_path / "a"), _ckpt(tmp_path / "b"))
