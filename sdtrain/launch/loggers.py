@@ -27,8 +27,17 @@ def _wandb_run_id(run_dir: str) -> str:
     return run_id
 
 
+SECRET_WORDS = ("key", "token", "secret", "password")
+
+
 def build_loggers(cfg: dict[str, Any], run_dir: str, rank: int) -> list[Logger]:
     options = dict(cfg)
+    secret = [k for k in options if any(word in k.lower() for word in SECRET_WORDS)]
+    if secret:
+        raise ConfigError(
+            f"logger.{secret[0]} looks like a secret: configs are saved in the run folder, so pass it in the "
+            "environment (e.g. WANDB_API_KEY) instead"
+        )
     kind = options.pop("kind", "csv")
     if kind == "none":
         return []

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -147,6 +148,22 @@ def resolve_resume(resume: str | None, run_dir: str) -> str | None:
     return resume
 
 
+def state_dict_mismatch(exc: RuntimeError) -> str:
+    """torch's multi-line load_state_dict error as one line: counts per kind and the first example."""
+    text = str(exc)
+    missing = re.search(r"Missing key\(s\) in state_dict: (.*?)\.\s*$", text, re.M)
+    unexpected = re.search(r"Unexpected key\(s\) in state_dict: (.*?)\.\s*$", text, re.M)
+    sizes = re.findall(r"size mismatch for ([^:]+): (.*)", text)
+    parts = []
+    if sizes:
+        parts.append(f"{len(sizes)} size mismatches (first: size mismatch for {sizes[0][0]}: {sizes[0][1].strip()})")
+    for label, match in (("missing", missing), ("unexpected", unexpected)):
+        if match:
+            keys = [k.strip().strip('"') for k in match.group(1).split(",")]
+            parts.append(f"{len(keys)} {label} keys (first: {keys[0]})")
+    return "; ".join(parts) or text.strip().splitlines()[-1]
+
+
 def run(cfg: DictConfig, run_dir: str) -> L.Trainer:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     data = from_conf(LatentDataConfig, cfg.data, "data")
@@ -173,9 +190,8 @@ def run(cfg: DictConfig, run_dir: str) -> L.Trainer:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     except RuntimeError as exc:
         if "Error(s) in loading state_dict" in str(exc):
-            lines = str(exc).strip().splitlines()
-            first = lines[1].strip() if len(lines) > 1 else lines[0]
-            raise CheckpointError(f"checkpoint {ckpt_path} does not fit this model: {first}") from None
+            mismatch = state_dict_mismatch(exc)
+            raise CheckpointError(f"checkpoint {ckpt_path} does not fit this model: {mismatch}") from None
         raise
     return trainer
 

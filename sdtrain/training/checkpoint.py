@@ -81,12 +81,23 @@ def _candidates(ckpt_dir: str) -> list[str]:
     return ([last] if os.path.exists(last) else []) + ordered
 
 
+def remove_partial_writes(ckpt_dir: str) -> None:
+    """Delete `*.ckpt.tmp-PID` files: a save that was killed before its rename; never a usable checkpoint."""
+    if not os.path.isdir(ckpt_dir):
+        return
+    for name in os.listdir(ckpt_dir):
+        if ".ckpt.tmp-" in name:
+            log.warning("removing %s: a checkpoint write that did not finish", name)
+            os.remove(os.path.join(ckpt_dir, name))
+
+
 def find_resume_checkpoint(ckpt_dir: str) -> str | None:
     """The newest loadable checkpoint in `ckpt_dir` (None if there is none), logging which one and why.
 
     last.ckpt is written with every step checkpoint, so it comes first; a damaged one falls back to the newest
     step_N.ckpt that loads. Probing uses mmap, so it does not read whole multi-GB files.
     """
+    remove_partial_writes(ckpt_dir)
     candidates = _candidates(ckpt_dir)
     for path in candidates:
         try:

@@ -35,7 +35,7 @@ def _kill_after_first_checkpoint(run, overrides):
     cmd = [sys.executable, "-m", "sdtrain.train", "experiment=tiny", f"hydra.run.dir={run}", *overrides]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 240
-    while not (run / "checkpoints" / "step_000003.ckpt").exists():
+    while not (run / "checkpoints" / "last.ckpt").exists():  # written (atomically) right after step_000003
         assert proc.poll() is None and time.time() < deadline, "run ended before its first checkpoint"
         time.sleep(0.05)
     time.sleep(random.uniform(0.0, 1.0))  # a random step after the checkpoint
