@@ -3,14 +3,10 @@
 import lightning as L
 import pytest
 import torch
-from test_step_reference import _batches, _parts
+from test_step_reference import _batches, tiny_module
 from torch.utils.data import DataLoader
 
-from sdtrain.data.loader import LatentNormalizer
-from sdtrain.diffusion.objective import DiffusionConfig, DiffusionObjective
-from sdtrain.models.diffusers_parts import VAEConfig, build_vae
-from sdtrain.models.text_encoder import build_tokenizer
-from sdtrain.training.module import LatentDiffusionModule
+from sdtrain.diffusion.objective import DiffusionConfig
 from sdtrain.training.optim import OptimConfig
 
 pytestmark = pytest.mark.slow
@@ -27,17 +23,7 @@ class Recorder(L.Callback):
 def test_nan_batch_is_skipped_and_counted():
     batches = _batches(4)
     batches[1]["latents"][0, 0, 0, 0] = float("nan")
-    unet, text = _parts()
-    module = LatentDiffusionModule(
-        unet=unet,
-        text_encoder=text,
-        vae=build_vae(VAEConfig(config={"latent_channels": 4})),
-        tokenizer=build_tokenizer(),
-        objective=DiffusionObjective(DiffusionConfig()),
-        optim=OptimConfig(lr=1e-3, warmup_steps=0),
-        normalizer=LatentNormalizer(),
-        latent_shape=(4, 8, 8),
-    )
+    module = tiny_module(DiffusionConfig(), OptimConfig(lr=1e-3, warmup_steps=0))
     recorder = Recorder()
     trainer = L.Trainer(
         accelerator="cpu",

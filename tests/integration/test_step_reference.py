@@ -45,6 +45,21 @@ def _batches(n=4):
     ]
 
 
+def tiny_module(diffusion: DiffusionConfig, optim: OptimConfig, seed: int = 0) -> LatentDiffusionModule:
+    unet, text = _parts()
+    return LatentDiffusionModule(
+        unet=unet,
+        text_encoder=text,
+        vae=build_vae(VAEConfig(config={"latent_channels": 4})),
+        tokenizer=build_tokenizer(),
+        objective=DiffusionObjective(diffusion),
+        optim=optim,
+        normalizer=LatentNormalizer(),
+        latent_shape=(4, 8, 8),
+        seed=seed,
+    )
+
+
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_lightning_step_equals_bare_pytorch_loop(prediction_type):
     batches = _batches()
@@ -72,18 +87,7 @@ def test_lightning_step_equals_bare_pytorch_loop(prediction_type):
     bare = copy.deepcopy(unet.state_dict())
 
     # the sdtrain module under Lightning
-    unet, text = _parts()
-    module = LatentDiffusionModule(
-        unet=unet,
-        text_encoder=text,
-        vae=build_vae(VAEConfig(config={"latent_channels": 4})),
-        tokenizer=build_tokenizer(),
-        objective=DiffusionObjective(diffusion),
-        optim=optim,
-        normalizer=LatentNormalizer(),
-        latent_shape=(4, 8, 8),
-        seed=123,
-    )
+    module = tiny_module(diffusion, optim, seed=123)
     trainer = L.Trainer(
         accelerator="cpu",
         devices=1,

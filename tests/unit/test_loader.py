@@ -131,3 +131,22 @@ def test_probe_names_missing_caption_and_wrong_channels(tmp_path):
     assert probe_dataset(resolve_shards(cfg.shards), cfg, latent_channels=4) == (4, 4, 4)
     with pytest.raises(DataError, match="4 latent channels, model expects 16"):
         probe_dataset(resolve_shards(cfg.shards), cfg, latent_channels=16)
+
+
+def test_zero_byte_shard(tmp_path, dataset):
+    import json
+    import shutil
+
+    for name in ("000000.tar", "000001.tar"):
+        shutil.copy(dataset.parent / name, tmp_path / name)
+    (tmp_path / "000002.tar").write_bytes(b"")
+    with pytest.raises(DataError, match="cannot read shard .*000002.tar"):  # counted at start without a manifest
+        resolve_shards(f"{tmp_path}/*.tar")
+    manifest = json.loads(dataset.read_text())
+    manifest["shards"] = [{"url": f"00000{i}.tar", "num_samples": 16} for i in range(3)]
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    ds = stream(tmp_path / "manifest.json", num_workers=0, shuffle=False)  # one slot reads all three shards
+    skipped = Counter()
+    for batch in take(ds, 24):  # two epochs
+        skipped.update(batch["skipped"])
+    assert skipped["shard_error"] >= 1
