@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,8 @@ import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
@@ -34,6 +37,7 @@ from sdtrain.models.diffusers_parts import UNetConfig, VAEConfig, build_unet, bu
 from sdtrain.models.ema import EMAConfig
 from sdtrain.models.text_encoder import TextEncoderConfig, build_text_encoder, build_tokenizer
 from sdtrain.training.callbacks.ema import EMACallback
+from sdtrain.training.callbacks.preemption import RequeueOnSignal
 from sdtrain.training.callbacks.samples import SampleGridCallback
 from sdtrain.training.callbacks.speed import SpeedCallback
 from sdtrain.training.checkpoint import AtomicCheckpointIO, find_resume_checkpoint, load_checkpoint_file
@@ -49,6 +53,14 @@ class CheckpointConfig:
     every_n_steps: int = 500
     keep_last: int = 3
     """Step checkpoints kept besides last.ckpt; -1 keeps all."""
+
+
+@dataclass(kw_only=True, slots=True)
+class PreemptionConfig:
+    enabled: bool = True
+    """Under SLURM: on `signal`, save DIR/checkpoints/last.ckpt, requeue the job once and stop."""
+    signal: str = "SIGUSR1"
+    requeue: bool = True
 
 
 @dataclass(kw_only=True, slots=True)
@@ -102,9 +114,10 @@ def build_module(cfg: DictConfig, data: LatentDataConfig) -> tuple[LatentDiffusi
 
 def build_callbacks(cfg: DictConfig, run_dir: str) -> list[L.Callback]:
     callbacks_cfg = to_plain(cfg.callbacks)
-    extra = sorted(set(callbacks_cfg) - {"checkpoint", "ema", "samples", "sampling"})
+    known = {"checkpoint", "ema", "samples", "sampling", "preemption"}
+    extra = sorted(set(callbacks_cfg) - known)
     if extra:
-        raise ConfigError(f"unknown key callbacks.{extra[0]} (known: checkpoint, ema, samples, sampling)")
+        raise ConfigError(f"unknown key callbacks.{extra[0]} (known: {', '.join(sorted(known))})")
     ckpt = from_conf(CheckpointConfig, callbacks_cfg.get("checkpoint"), "callbacks.checkpoint")
     callbacks: list[L.Callback] = [
         ModelCheckpoint(
@@ -117,9 +130,14 @@ def build_callbacks(cfg: DictConfig, run_dir: str) -> list[L.Callback]:
             mode="max",
             save_last=True,
             save_on_train_epoch_end=True,
+            enable_version_counter=False,  # last.ckpt is replaced (atomically), never last-v1.ckpt
         ),
         SpeedCallback(),
     ]
+    preemption = from_conf(PreemptionConfig, callbacks_cfg.get("preemption"), "callbacks.preemption")
+    if preemption.enabled and SLURMEnvironment.detect():
+        last = os.path.join(run_dir, "checkpoints", "last.ckpt")
+        callbacks.append(RequeueOnSignal(ckpt_path=last, signal_name=preemption.signal, requeue=preemption.requeue))
     ema = from_conf(EMAConfig, callbacks_cfg.get("ema"), "callbacks.ema")
     if ema.enabled:
         callbacks.append(EMACallback(ema))
@@ -148,6 +166,14 @@ def resolve_resume(resume: str | None, run_dir: str) -> str | None:
     return resume
 
 
+def log_placement() -> None:
+    """Where this process runs: one line per rank, so multi-node logs show every rank's place."""
+    keys = ("SLURM_JOB_ID", "SLURM_NODEID", "SLURM_PROCID", "SLURM_LOCALID", "SLURM_RESTART_COUNT")
+    env = {k: os.environ[k] for k in keys if k in os.environ}
+    if env:
+        log.info("placement: host=%s %s", socket.gethostname(), " ".join(f"{k}={v}" for k, v in env.items()))
+
+
 def state_dict_mismatch(exc: RuntimeError) -> str:
     """torch's multi-line load_state_dict error as one line: counts per kind and the first example."""
     text = str(exc)
@@ -171,13 +197,23 @@ def run(cfg: DictConfig, run_dir: str) -> L.Trainer:
     trainer_kwargs: dict[str, Any] = to_plain(cfg.trainer)
     if not trainer_kwargs.get("max_steps") or trainer_kwargs["max_steps"] < 1:
         raise ConfigError("trainer.max_steps must be >= 1 (the data stream is endless; steps set the length)")
+    log_placement()
+    ckpt_path = resolve_resume(cfg.resume, run_dir)
+    # A resumed run keeps logging into the W&B run its checkpoint came from.
+    resumed_id = (
+        load_checkpoint_file(ckpt_path, mmap=True).get("sdtrain", {}).get("wandb_run_id") if ckpt_path else None
+    )
+    loggers = build_loggers(to_plain(cfg.logger), run_dir, rank_zero_only.rank, resumed_id)
+    module.run_metadata = {"wandb_run_id": next((lg.version for lg in loggers if isinstance(lg, WandbLogger)), None)}
     try:
         trainer = L.Trainer(
             **trainer_kwargs,
             strategy=build_strategy(to_plain(cfg.strategy)),
-            logger=build_loggers(to_plain(cfg.logger), run_dir, rank_zero_only.rank) or False,
+            logger=loggers or False,
             callbacks=build_callbacks(cfg, run_dir),
-            plugins=[AtomicCheckpointIO()],
+            # Under SLURM our RequeueOnSignal does the requeue (into DIR/checkpoints), not Lightning's hpc_ckpt.
+            plugins=[AtomicCheckpointIO()]
+            + ([SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else []),
             default_root_dir=run_dir,
             max_epochs=-1,
             limit_val_batches=0,
@@ -185,7 +221,6 @@ def run(cfg: DictConfig, run_dir: str) -> L.Trainer:
         )
     except TypeError as exc:
         raise ConfigError(f"trainer: {exc}") from None
-    ckpt_path = resolve_resume(cfg.resume, run_dir)
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     except RuntimeError as exc:

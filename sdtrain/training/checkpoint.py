@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import pickle
@@ -88,7 +89,8 @@ def remove_partial_writes(ckpt_dir: str) -> None:
     for name in os.listdir(ckpt_dir):
         if ".ckpt.tmp-" in name:
             log.warning("removing %s: a checkpoint write that did not finish", name)
-            os.remove(os.path.join(ckpt_dir, name))
+            with contextlib.suppress(FileNotFoundError):  # another rank may have removed it first
+                os.remove(os.path.join(ckpt_dir, name))
 
 
 def find_resume_checkpoint(ckpt_dir: str) -> str | None:

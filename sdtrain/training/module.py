@@ -65,6 +65,7 @@ class LatentDiffusionModule(L.LightningModule):
         self.nonfinite_skips = 0
         self._micro = (-1, 0)  # (global step, micro-batch index within it)
         self._pending_rng: dict[str, Any] | None = None
+        self.run_metadata: dict[str, Any] = {}  # saved with checkpoints (e.g. the W&B run id)
 
     def forward(self, noisy: torch.Tensor, timesteps: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         return self.unet(noisy, timesteps, encoder_hidden_states=self.text_encoder(tokens)).sample
@@ -127,6 +128,7 @@ class LatentDiffusionModule(L.LightningModule):
             "skipped": dict(self.skipped),
             "nonfinite_skips": self.nonfinite_skips,
             "rng": states,
+            **self.run_metadata,
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

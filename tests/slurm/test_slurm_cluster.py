@@ -1,0 +1,163 @@
+"""Against a real SLURM cluster (slurm/local_cluster.sh: 2 emulated nodes on this machine), as users run it."""
+
+import glob
+import os
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from helpers import REPO, run_train
+
+pytestmark = [pytest.mark.slow, pytest.mark.slurm]
+TRAIN = [
+    "experiment=tiny",
+    "data.num_workers=1",
+    "trainer.enable_progress_bar=false",
+    "callbacks.sampling.steps=2",
+    "callbacks.samples.every_n_steps=0",
+    "trainer.log_every_n_steps=10",
+]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    if os.geteuid() != 0:
+        pytest.skip("starting the local SLURM cluster needs root")
+    started = subprocess.run(["bash", "slurm/local_cluster.sh", "start"], cwd=REPO, capture_output=True, text=True)
+    assert started.returncode == 0, started.stdout + started.stderr
+    yield
+    subprocess.run(["bash", "slurm/local_cluster.sh", "stop"], cwd=REPO, capture_output=True)
+
+
+def submit(run_dir, *args, env=None):
+    cmd = [sys.executable, "-m", "sdtrain.launch.slurm", "--run-dir", str(run_dir), "--cpus-per-task", "1", *args]
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, **(env or {})})
+    assert out.returncode == 0, out.stderr
+    return re.search(r"submitted job (\d+)", out.stdout).group(1)
+
+
+def job_field(job_id, name):
+    text = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True).stdout
+    match = re.search(rf"\b{name}=(\S+)", text)
+    return match.group(1) if match else None
+
+
+def wait_for(job_id, timeout):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        state = job_field(job_id, "JobState")
+        if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
+            return state
+        time.sleep(1)
+    subprocess.run(["scancel", job_id])
+    pytest.fail(f"job {job_id} still {job_field(job_id, 'JobState')} after {timeout}s")
+
+
+def job_log(run_dir, job_id):
+    return (run_dir / f"slurm-sdtrain-{job_id}.out").read_text()
+
+
+def last_step(run_dir):
+    return torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["global_step"]
+
+
+def test_two_node_ddp_job(cluster, tmp_path, dataset):
+    run = tmp_path / "run"
+    job = submit(run, "--nodes", "2", "--time", "5", "--", *TRAIN, f"data.shards={dataset}", "trainer.max_steps=6")
+    assert wait_for(job, 300) == "COMPLETED"
+    assert job_field(job, "ExitCode") == "0:0"
+    log = job_log(run, job)
+    # every rank runs on its own (emulated) node and knows its place
+    assert re.search(r"SLURM_NODEID=0 SLURM_PROCID=0 SLURM_LOCALID=0", log)
+    assert re.search(r"SLURM_NODEID=1 SLURM_PROCID=1 SLURM_LOCALID=0", log)
+    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in log and "distributed_backend=gloo" in log
+    assert last_step(run) == 6
+    assert (run / "samples" / "step_000006.png").exists()
+
+
+def test_time_limit_saves_requeues_and_finishes(cluster, tmp_path, dataset):
+    """1-minute limit, warning signal: save, requeue, resume, finish the planned steps exactly, same W&B run."""
+    run = tmp_path / "run"
+    steps = 200  # > one run's worth: the first run cannot finish before its warning signal
+    job = submit(
+        run,
+        "--nodes",
+        "2",
+        "--time",
+        "1",
+        "--signal-seconds",
+        "30",
+        "--",
+        *TRAIN,
+        f"data.shards={dataset}",
+        f"trainer.max_steps={steps}",
+        "callbacks.checkpoint.every_n_steps=50",
+        "logger=wandb",
+        env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"},
+    )
+    assert wait_for(job, 600) == "COMPLETED"
+    log = job_log(run, job)
+    assert int(job_field(job, "Restarts")) >= 1
+    assert "SIGUSR1 received: saved" in log and f"requeued SLURM job {job}" in log
+    assert re.search(r"resume=auto: continuing from .*last.ckpt \(global step \d+\)", log)
+    assert last_step(run) == steps
+    run_id = (run / "wandb_run_id.txt").read_text().strip()
+    runs = glob.glob(str(run / "wandb" / "offline-run-*"))
+    assert len(runs) >= 2 and all(r.endswith(f"-{run_id}") for r in runs)  # one W&B run, resumed
+
+
+def test_scancel_leaves_the_last_checkpoint_loadable(cluster, tmp_path, dataset):
+    run = tmp_path / "run"
+    job = submit(
+        run,
+        "--nodes",
+        "2",
+        "--time",
+        "10",
+        "--",
+        *TRAIN,
+        f"data.shards={dataset}",
+        "trainer.max_steps=5000",
+        "callbacks.checkpoint.every_n_steps=5",
+    )
+    deadline = time.time() + 240
+    while last_ckpt_missing(run) or last_step(run) < 15:
+        assert time.time() < deadline and job_field(job, "JobState") in ("PENDING", "RUNNING", "CONFIGURING")
+        time.sleep(0.5)
+    subprocess.run(["scancel", job], check=True)
+    assert wait_for(job, 120) == "CANCELLED"
+    step = last_step(run)  # loads (weights_only) after the kill
+    resumed = run_train(run, f"data.shards={dataset}", f"trainer.max_steps={step + 3}", "resume=auto", *TRAIN[1:])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert last_step(run) == step + 3
+
+
+def last_ckpt_missing(run):
+    return not (run / "checkpoints" / "last.ckpt").exists()
+
+
+def test_submitit_sweep_runs_one_job_per_point(cluster, tmp_path, dataset):
+    sweep = tmp_path / "sweep"
+    cmd = [
+        sys.executable,
+        "-m",
+        "sdtrain.train",
+        "-m",
+        "hydra/launcher=sdtrain_slurm",
+        *TRAIN,
+        f"data.shards={dataset}",
+        "trainer.max_steps=3",
+        "optim.lr=1e-4,2e-4",
+        "callbacks.samples.at_end=false",
+        f"hydra.sweep.dir={sweep}",
+        "hydra.launcher.cpus_per_task=1",
+        "hydra.launcher.timeout_min=5",
+    ]
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=400)
+    assert out.returncode == 0, out.stderr[-3000:]
+    for point, lr in ((0, "0.0001"), (1, "0.0002")):
+        assert last_step(sweep / str(point)) == 3
+        assert f"lr: {lr}" in (sweep / str(point) / ".hydra" / "config.yaml").read_text()
