@@ -186,15 +186,12 @@ class LatentStream(IterableDataset):
         return {"latents": latents, "tokens": tokens, "keys": [b[2] for b in batch], "skipped": skipped}
 
     def _one_pass(self, slot_plan: SlotPlan) -> Iterator[dict[str, Any]]:
-        """The slot's own samples, once, in reading order."""
-        position = 0
-        for shard_index in slot_plan.shards:
-            url = self.shard_set.shards[shard_index].url
-            for raw in iter_raw_samples(url, self._shard_error):
-                if position % slot_plan.stride == slot_plan.offset:
-                    raw["__url__"] = url
-                    yield raw
-                position += 1
+        """The slot's own samples, once, in reading order (the parts of shards the epoch plan gave it)."""
+        for part in slot_plan.ranges:
+            url = self.shard_set.shards[part.shard].url
+            for raw in islice(iter_raw_samples(url, self._shard_error), part.start, part.stop):
+                raw["__url__"] = url
+                yield raw
 
     def _shard_error(self, reason: str) -> None:
         log.warning("%s", reason)

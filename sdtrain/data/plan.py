@@ -1,17 +1,18 @@
-"""Which shards each (rank, worker) reads in an epoch, and how many batches it yields.
+"""Which samples each (rank, worker) reads in an epoch: a pure function, identical on every rank.
 
-A pure function of (sample counts, world size, workers, batch size, seed, epoch): no processes, no I/O, so every
-rank computes the same plan on its own and the planner can be tested at 1024 ranks x 8 workers.
+Inputs: the shards' sample counts (from the manifest), world size, workers per rank, batch size, seed and epoch.
+No processes, no I/O: every rank computes the same plan on its own, and the planner is tested at 1024 ranks x 8
+workers over 100k shards.
 
-The unit of work is a *slot* = rank * workers_per_rank + worker. Every slot yields exactly `batches_per_slot`
-batches per epoch, so every rank yields the same number of batches (no collective can hang on a short rank).
-- shards >= slots: a seeded per-epoch permutation of the shards is dealt round-robin to slots; no shard is read
-  twice or dropped within an epoch.
-- shards < slots: every slot reads every shard and keeps samples `i % slots == slot` (documented fallback; it
-  costs extra reads but never drops or repeats a sample).
-A slot whose shards hold more than `batches_per_slot * batch_size` samples drops its tail this epoch; one that
-holds fewer wraps around to its first samples (like DistributedSampler's padding). With the equal-size shards the
-encode tool writes, neither happens beyond the last partial batch.
+The unit of work is a *slot* = rank * workers_per_rank + worker. Each epoch:
+1. the shards are put in a seeded per-epoch order;
+2. their samples, concatenated in that order, are cut into consecutive runs of exactly
+   `batches_per_slot * batch_size` samples, one run per slot. A slot reads one or more shards, the first and last
+   possibly in part (a shard split between two slots is read by both, each its own part);
+3. the last `total % (slots * batch_size)` samples of the order (fewer than one global batch) wait for the next
+   epoch, whose new order puts different samples there.
+So every slot yields the same number of batches (no collective can hang on a short rank), and within an epoch no
+sample is read twice or skipped beyond that tail, whatever the number of shards, ranks or workers.
 """
 
 from __future__ import annotations
@@ -24,11 +25,19 @@ from sdtrain.errors import DataError
 
 
 @dataclass(frozen=True, slots=True)
+class ShardRange:
+    shard: int  # index into the dataset's shard list
+    start: int  # first sample (position within the shard) this slot reads
+    stop: int  # one past the last
+
+
+@dataclass(frozen=True, slots=True)
 class SlotPlan:
-    shards: tuple[int, ...]  # indices into the dataset's shard list, in reading order
-    stride: int  # keep every `stride`-th sample of the concatenated shards...
-    offset: int  # ...starting at this one (stride 1, offset 0 = keep all)
-    num_samples: int  # samples this slot owns this epoch
+    ranges: tuple[ShardRange, ...]  # in reading order
+
+    @property
+    def num_samples(self) -> int:
+        return sum(r.stop - r.start for r in self.ranges)
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,23 +72,27 @@ def plan_epoch(
     epoch: int,
     shuffle: bool = True,
 ) -> EpochPlan:
-    """The plan for one epoch; identical on every rank for the same arguments."""
+    """The plan for one epoch; the same on every rank for the same arguments."""
     num_slots = world_size * max(1, workers_per_rank)
     counts = np.asarray(sample_counts, dtype=np.int64)
-    per_slot = batches_per_slot(int(counts.sum()), num_slots, batch_size)
+    per_slot_batches = batches_per_slot(int(counts.sum()), num_slots, batch_size)
+    per_slot = per_slot_batches * batch_size
     order = shard_order(len(counts), seed, epoch, shuffle)
+    ends = np.cumsum(counts[order])  # end offset of each ordered shard in the concatenated sample sequence
+    starts = ends - counts[order]
     slots = []
-    if len(counts) >= num_slots:
-        for slot in range(num_slots):
-            mine = order[slot::num_slots]
-            slots.append(SlotPlan(tuple(int(i) for i in mine), 1, 0, int(counts[mine].sum())))
-    else:
-        total = int(counts.sum())
-        everything = tuple(int(i) for i in order)
-        for slot in range(num_slots):
-            owned = (total - slot + num_slots - 1) // num_slots
-            slots.append(SlotPlan(everything, num_slots, slot, owned))
-    return EpochPlan(tuple(slots), per_slot)
+    for slot in range(num_slots):
+        lo, hi = slot * per_slot, (slot + 1) * per_slot
+        first = int(np.searchsorted(ends, lo, side="right"))  # the shard holding sample `lo`
+        ranges = []
+        i = first
+        while i < len(order) and starts[i] < hi:
+            begin, end = max(lo, int(starts[i])), min(hi, int(ends[i]))
+            if end > begin:
+                ranges.append(ShardRange(int(order[i]), begin - int(starts[i]), end - int(starts[i])))
+            i += 1
+        slots.append(SlotPlan(tuple(ranges)))
+    return EpochPlan(tuple(slots), per_slot_batches)
 
 
 def consumed_per_worker(batches_consumed: int, workers_per_rank: int) -> list[int]:

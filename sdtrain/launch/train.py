@@ -39,7 +39,7 @@ from sdtrain.models.text_encoder import TextEncoderConfig, build_text_encoder, b
 from sdtrain.training.callbacks.ema import EMACallback
 from sdtrain.training.callbacks.preemption import RequeueOnSignal
 from sdtrain.training.callbacks.samples import SampleGridCallback
-from sdtrain.training.callbacks.speed import SpeedCallback
+from sdtrain.training.callbacks.throughput import ThroughputCallback
 from sdtrain.training.checkpoint import AtomicCheckpointIO, find_resume_checkpoint, load_checkpoint_file
 from sdtrain.training.module import LatentDiffusionModule
 from sdtrain.training.optim import OptimConfig
@@ -114,7 +114,7 @@ def build_module(cfg: DictConfig, data: LatentDataConfig) -> tuple[LatentDiffusi
 
 def build_callbacks(cfg: DictConfig, run_dir: str) -> list[L.Callback]:
     callbacks_cfg = to_plain(cfg.callbacks)
-    known = {"checkpoint", "ema", "samples", "sampling", "preemption"}
+    known = {"checkpoint", "ema", "samples", "sampling", "preemption", "peak_flops"}
     extra = sorted(set(callbacks_cfg) - known)
     if extra:
         raise ConfigError(f"unknown key callbacks.{extra[0]} (known: {', '.join(sorted(known))})")
@@ -132,7 +132,7 @@ def build_callbacks(cfg: DictConfig, run_dir: str) -> list[L.Callback]:
             save_on_train_epoch_end=True,
             enable_version_counter=False,  # last.ckpt is replaced (atomically), never last-v1.ckpt
         ),
-        SpeedCallback(),
+        ThroughputCallback(peak_flops_override=callbacks_cfg.get("peak_flops")),
     ]
     preemption = from_conf(PreemptionConfig, callbacks_cfg.get("preemption"), "callbacks.preemption")
     if preemption.enabled and SLURMEnvironment.detect():

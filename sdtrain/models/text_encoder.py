@@ -68,10 +68,13 @@ class FrozenOpenCLIPText(nn.Module):
         return self.tower.ln_final(out["text_intermediates"][0])
 
 
-def build_text_encoder(cfg: TextEncoderConfig) -> FrozenOpenCLIPText:
+def build_text_tower(cfg: TextEncoderConfig) -> nn.Module:
+    """The (random-init) text tower described by `cfg`: an open_clip architecture's text half, or custom dims.
+
+    Builds only the text half (the ViT-H vision tower alone is 632M parameters), and works under
+    `torch.device("meta")` for counting parameters and FLOPs.
+    """
     if cfg.arch is None:
-        if cfg.pretrained:
-            raise ConfigError("model.text_encoder.pretrained needs model.text_encoder.arch (an open_clip name)")
         text_cfg = CLIPTextCfg(
             context_length=cfg.context_length,
             vocab_size=cfg.vocab_size,
@@ -79,10 +82,23 @@ def build_text_encoder(cfg: TextEncoderConfig) -> FrozenOpenCLIPText:
             heads=cfg.heads,
             layers=cfg.layers,
         )
-        return FrozenOpenCLIPText(_build_text_tower(cfg.width, text_cfg), cfg.layer)
+        return _build_text_tower(cfg.width, text_cfg)
+    model_cfg = open_clip.get_model_config(cfg.arch)
+    if model_cfg is None:
+        raise ConfigError(f"model.text_encoder.arch={cfg.arch!r} is not an open_clip model name")
+    return _build_text_tower(
+        model_cfg["embed_dim"], model_cfg["text_cfg"], quick_gelu=model_cfg.get("quick_gelu", False)
+    )
+
+
+def build_text_encoder(cfg: TextEncoderConfig) -> FrozenOpenCLIPText:
+    if cfg.pretrained is None:
+        return FrozenOpenCLIPText(build_text_tower(cfg), cfg.layer)
+    if cfg.arch is None:
+        raise ConfigError("model.text_encoder.pretrained needs model.text_encoder.arch (an open_clip name)")
     if cfg.arch not in open_clip.list_models():
         raise ConfigError(f"model.text_encoder.arch={cfg.arch!r} is not an open_clip model name")
-    if cfg.pretrained is not None and not os.path.isfile(cfg.pretrained):
+    if not os.path.isfile(cfg.pretrained):
         raise CheckpointError(f"text encoder weights not found: {cfg.pretrained}")
     # force_custom_text gives the text tower as one module (model.text); the vision tower is dropped.
     clip = open_clip.create_model(
