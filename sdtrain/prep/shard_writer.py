@@ -9,12 +9,13 @@ from __future__ import annotations
 import io
 import json
 import os
+import tarfile
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import webdataset as wds
 
 from sdtrain.data.shards import MANIFEST_FORMAT, MANIFEST_NAME
 
@@ -33,6 +34,12 @@ def npy_bytes(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def add_member(tar: tarfile.TarFile, name: str, data: bytes, mtime: int) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), mtime, 0o444
+    tar.addfile(info, io.BytesIO(data))
+
+
 def write_json_atomic(path: str, payload: dict[str, Any]) -> None:
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as f:
@@ -40,6 +47,26 @@ def write_json_atomic(path: str, payload: dict[str, Any]) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+class _ShardFile:
+    """One output shard: written as NAME.tmp, fsynced, then renamed to NAME."""
+
+    def __init__(self, path: str) -> None:
+        self.path, self.tmp = path, path + ".tmp"
+        self.file = open(self.tmp, "wb")  # noqa: SIM115 - closed in finish()
+        # Plain USTAR headers with integer mtimes: a PAX header per member (tarfile's default, which webdataset's
+        # TarWriter keeps) makes every reader parse twice as many headers.
+        self.tar = tarfile.open(fileobj=self.file, mode="w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115
+        self.count = 0
+
+    def finish(self) -> dict[str, Any]:
+        self.tar.close()
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        os.replace(self.tmp, self.path)
+        return {"url": os.path.basename(self.path), "num_samples": self.count}
 
 
 def write_shards(
@@ -57,30 +84,22 @@ def write_shards(
     os.makedirs(out_dir, exist_ok=True)
     extension = f"{stores}.npy"
     entries: list[dict[str, Any]] = []
-    writer: wds.TarWriter | None = None
-    tmp_path = final_path = ""
-    count = 0
+    shard: _ShardFile | None = None
+    mtime = int(time.time())
     latent_shape: list[int] | None = None
-
-    def close() -> None:
-        if writer is not None:
-            writer.close()
-            os.replace(tmp_path, final_path)
-            entries.append({"url": os.path.basename(final_path), "num_samples": count})
-
     for sample in samples:
-        if writer is None or count == samples_per_shard:
-            close()
-            final_path = os.path.join(out_dir, f"{len(entries):06d}.tar")
-            tmp_path = final_path + ".tmp"
-            writer, count = wds.TarWriter(tmp_path), 0
+        if shard is None or shard.count == samples_per_shard:
+            if shard is not None:
+                entries.append(shard.finish())
+            shard = _ShardFile(os.path.join(out_dir, f"{len(entries):06d}.tar"))
         latent_shape = latent_shape or list(sample.array.shape)
-        record = {"__key__": sample.key, extension: npy_bytes(sample.array.astype(dtype)), "txt": sample.caption}
+        add_member(shard.tar, f"{sample.key}.{extension}", npy_bytes(sample.array.astype(dtype)), mtime)
+        add_member(shard.tar, f"{sample.key}.txt", sample.caption.encode("utf-8"), mtime)
         if sample.meta:
-            record["json"] = sample.meta
-        writer.write(record)
-        count += 1
-    close()
+            add_member(shard.tar, f"{sample.key}.json", json.dumps(sample.meta).encode("utf-8"), mtime)
+        shard.count += 1
+    if shard is not None:
+        entries.append(shard.finish())
     manifest = {
         "format": MANIFEST_FORMAT,
         "version": 1,
