@@ -3,34 +3,21 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import lightning as L
 from torch.utils.data import DataLoader
 
-from sdtrain.data.loader import LatentDataConfig, LatentNormalizer, LatentStream, Tokenizer, build_dataloader
-from sdtrain.data.shards import ShardSet
+from sdtrain.data.loader import LatentStream, build_dataloader
 
 log = logging.getLogger(__name__)
 
 
 class LatentDataModule(L.LightningDataModule):
-    def __init__(
-        self,
-        shard_set: ShardSet,
-        cfg: LatentDataConfig,
-        tokenizer: Tokenizer,
-        *,
-        latent_channels: int,
-        normalizer: LatentNormalizer,
-        seed: int,
-    ) -> None:
+    def __init__(self, make_stream: Callable[..., LatentStream]) -> None:
+        """`make_stream(rank=, world_size=, start_batch=)` builds this rank's stream (a partial of LatentStream)."""
         super().__init__()
-        self.shard_set = shard_set
-        self.cfg = cfg
-        self.tokenizer = tokenizer
-        self.latent_channels = latent_channels
-        self.normalizer = normalizer
-        self.seed = seed
+        self.make_stream = make_stream
 
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer
@@ -38,15 +25,9 @@ class LatentDataModule(L.LightningDataModule):
         consumed = trainer.global_step * trainer.accumulate_grad_batches if trainer is not None else 0
         if consumed:
             log.info("data stream resumes after %d batches of this rank", consumed)
-        stream = LatentStream(
-            self.shard_set,
-            self.cfg,
-            self.tokenizer,
-            latent_channels=self.latent_channels,
-            normalizer=self.normalizer,
+        stream = self.make_stream(
             rank=trainer.global_rank if trainer is not None else 0,
             world_size=trainer.world_size if trainer is not None else 1,
-            seed=self.seed,
             start_batch=consumed,
         )
         return build_dataloader(stream)

@@ -12,6 +12,7 @@ import re
 import socket
 import sys
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ from omegaconf import DictConfig
 
 from sdtrain.config import from_conf, to_plain
 from sdtrain.data.datamodule import LatentDataModule
-from sdtrain.data.loader import LatentDataConfig, LatentNormalizer, probe_dataset
+from sdtrain.data.loader import LatentDataConfig, LatentNormalizer, LatentStream, probe_dataset
 from sdtrain.data.shards import resolve_shards
 from sdtrain.diffusion.objective import DiffusionConfig, DiffusionObjective
 from sdtrain.diffusion.sampling import SamplingConfig
@@ -96,7 +97,15 @@ def build_module(cfg: DictConfig, data: LatentDataConfig) -> tuple[LatentDiffusi
     latent_shape = probe_dataset(shard_set, data, unet.config.in_channels)
     normalizer = LatentNormalizer.resolve(data, shard_set.manifest)
     datamodule = LatentDataModule(
-        shard_set, data, tokenizer, latent_channels=unet.config.in_channels, normalizer=normalizer, seed=cfg.seed
+        partial(
+            LatentStream,
+            shard_set,
+            data,
+            tokenizer,
+            latent_channels=unet.config.in_channels,
+            normalizer=normalizer,
+            seed=cfg.seed,
+        )
     )
     module = LatentDiffusionModule(
         unet=unet,
