@@ -19,7 +19,6 @@ from typing import Any
 import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities import rank_zero_only
@@ -41,7 +40,12 @@ from sdtrain.training.callbacks.ema import EMACallback
 from sdtrain.training.callbacks.preemption import RequeueOnSignal
 from sdtrain.training.callbacks.samples import SampleGridCallback
 from sdtrain.training.callbacks.throughput import ThroughputCallback
-from sdtrain.training.checkpoint import AtomicCheckpointIO, find_resume_checkpoint, load_checkpoint_file
+from sdtrain.training.checkpoint import (
+    AtomicCheckpointIO,
+    RunCheckpoint,
+    find_resume_checkpoint,
+    load_checkpoint_file,
+)
 from sdtrain.training.module import LatentDiffusionModule
 from sdtrain.training.optim import OptimConfig
 
@@ -129,7 +133,7 @@ def build_callbacks(cfg: DictConfig, run_dir: str) -> list[L.Callback]:
         raise ConfigError(f"unknown key callbacks.{extra[0]} (known: {', '.join(sorted(known))})")
     ckpt = from_conf(CheckpointConfig, callbacks_cfg.get("checkpoint"), "callbacks.checkpoint")
     callbacks: list[L.Callback] = [
-        ModelCheckpoint(
+        RunCheckpoint(
             dirpath=os.path.join(run_dir, "checkpoints"),
             filename="step_{step:06d}",
             auto_insert_metric_name=False,

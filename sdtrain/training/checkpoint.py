@@ -18,8 +18,10 @@ import re
 import zipfile
 from typing import Any
 
+import lightning as L
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from sdtrain.errors import CheckpointError
 
@@ -66,6 +68,19 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
         return load_checkpoint_file(os.fspath(path), map_location=map_location or "cpu")
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint that always leaves the final state in last.ckpt.
+
+    Lightning writes last.ckpt at the end of training only if no checkpoint was ever written, so a run whose
+    max_steps is not a multiple of every_n_train_steps would end with a stale last.ckpt.
+    """
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_end(trainer, pl_module)
+        if self.save_last and self._last_global_step_saved != trainer.global_step:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
 def _candidates(ckpt_dir: str) -> list[str]:

@@ -26,15 +26,16 @@ def test_fit_writes_checkpoints_samples_and_metrics(tmp_path, dataset):
     result = run_train(
         run,
         f"data.shards={dataset}",
-        "trainer.max_steps=6",
+        "trainer.max_steps=7",
         "callbacks.samples.every_n_steps=3",
         "callbacks.checkpoint.every_n_steps=3",
         *FAST,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert (run / "checkpoints" / "last.ckpt").exists() and (run / "checkpoints" / "step_000003.ckpt").exists()
-    assert _ckpt(run / "checkpoints" / "last.ckpt")["global_step"] == 6
-    for step in (3, 6):
+    # the final state is in last.ckpt even when the run ends between two step checkpoints
+    assert _ckpt(run / "checkpoints" / "last.ckpt")["global_step"] == 7
+    for step in (3, 6, 7):
         grid = Image.open(run / "samples" / f"step_{step:06d}.png")
         # 2 prompts x 1 seed of 32x32 px (8x8 latents, 4x VAE), 2 px padding
         assert grid.size == (2 + 32 + 2, 2 + 2 * (32 + 2))
