@@ -143,12 +143,11 @@ class LatentStream(IterableDataset):
         slot = self.rank * self.workers + worker
         samples = self._shuffled(plan.slots[slot], epoch, slot)
         needed = plan.batches_per_slot * self.cfg.batch_size
-        # Fast-forward on resume: replay raw bytes through the same shuffle buffer without decoding them.
+        # On resume the first `consumed` good samples are replayed (read, checked, not tokenised or batched), so
+        # the shuffle buffer, the bad-sample skips and every per-sample seed line up with the first run.
         consumed = skip_batches * self.cfg.batch_size
-        for _ in islice(samples, consumed):
-            pass
         batch: list[tuple[np.ndarray, str, str]] = []
-        index, reads = consumed, 0
+        index, reads = 0, 0
         self.total_bad, self.total_reads = 0, 0
         while index < needed:
             raw = next(samples)
@@ -158,13 +157,15 @@ class LatentStream(IterableDataset):
                 latent = decode_latent(raw, self._field(raw), self.latent_channels, rng)
                 caption = decode_caption(raw)
             except SampleError as exc:
-                self.skipped[exc.reason] += 1
-                self._check_skip_rate(reads, raw, exc)
+                if index >= consumed:  # replayed skips were counted and logged by the first run
+                    self.skipped[exc.reason] += 1
+                    self._check_skip_rate(reads, raw, exc)
                 continue
-            if rng.random() < self.cfg.caption_dropout:
-                caption = ""
-            batch.append((self.normalizer.normalize(latent), caption, raw["__key__"]))
+            drop = rng.random() < self.cfg.caption_dropout
             index += 1
+            if index <= consumed:
+                continue
+            batch.append((self.normalizer.normalize(latent), "" if drop else caption, raw["__key__"]))
             if len(batch) == self.cfg.batch_size:
                 yield self._collate(batch)
                 batch = []

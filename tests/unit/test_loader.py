@@ -150,3 +150,19 @@ def test_zero_byte_shard(tmp_path, dataset):
     for batch in take(ds, 24):  # two epochs
         skipped.update(batch["skipped"])
     assert skipped["shard_error"] >= 1
+
+
+def test_resume_is_exact_with_bad_samples_in_the_consumed_part(tmp_path):
+    good = np.zeros((8, 8, 8), np.float16)
+    with tarfile.open(tmp_path / "000000.tar", "w") as tar:
+        for i in range(30):  # every third sample has no caption
+            _add(tar, f"s{i:03d}.moments.npy", npy_bytes(good + i))
+            if i % 3:
+                _add(tar, f"s{i:03d}.txt", f"caption {i}".encode())
+    spec = f"{tmp_path}/*.tar"
+    options = dict(num_workers=0, batch_size=2, caption_dropout=0.5, shuffle_buffer=4)
+    full = take(stream(spec, **options), 9)
+    resumed = take(stream(spec, start_batch=4, **options), 5)
+    for a, b in zip(full[4:], resumed, strict=True):
+        assert a["keys"] == b["keys"] and torch.equal(a["latents"], b["latents"])
+        assert torch.equal(a["tokens"], b["tokens"])
