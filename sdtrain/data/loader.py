@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from sdtrain.data.plan import SlotPlan, consumed_per_worker, plan_epoch
+from sdtrain.data.plan import EpochPlan, SlotPlan, consumed_per_worker, plan_epoch
 from sdtrain.data.samples import LatentField, SampleError, decode_caption, decode_latent
 from sdtrain.data.shards import ShardSet, iter_raw_samples
 from sdtrain.errors import DataError
@@ -114,7 +114,7 @@ class LatentStream(IterableDataset):
         self.errors: list[str] = []  # shard-level problems (unreadable, truncated), already logged
         self.skipped: Counter[str] = Counter()  # reasons since the last batch; sent along with the next one
 
-    def plan(self, epoch: int):  # noqa: ANN201 - EpochPlan, kept short for readers
+    def plan(self, epoch: int) -> EpochPlan:
         return plan_epoch(
             self.shard_set.sample_counts,
             world_size=self.world_size,

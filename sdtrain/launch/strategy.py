@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 from lightning.pytorch.strategies import DDPStrategy, Strategy
@@ -30,8 +31,6 @@ def build_strategy(cfg: dict[str, Any]) -> Strategy | str:
             raise ConfigError(f"unknown key strategy.{unknown[0]} (known: {', '.join(sorted(DDP_OPTIONS))})")
         timeout_s = options.pop("timeout_s", None)
         if timeout_s is not None:
-            from datetime import timedelta
-
             options["timeout"] = timedelta(seconds=timeout_s)
         return DDPStrategy(**options)
     raise ConfigError(f"strategy.name={name!r} is not known (auto, ddp)")
