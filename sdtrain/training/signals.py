@@ -8,6 +8,7 @@ standard library is imported here.
 
 from __future__ import annotations
 
+import atexit
 import signal
 from types import FrameType
 
@@ -19,9 +20,17 @@ def _record(signum: int, frame: FrameType | None) -> None:
     _received.add(signum)
 
 
+def _ignore(signals: tuple[int, ...]) -> None:
+    # Interpreter shutdown puts Python-level handlers back to the default action, which for SIGUSR1 is to die:
+    # a warning arriving while a finished run exits would turn a completed job into a failed one.
+    for signum in signals:
+        signal.signal(signum, signal.SIG_IGN)
+
+
 def install(signals: tuple[int, ...] = WARNING_SIGNALS) -> None:
     for signum in signals:
         signal.signal(signum, _record)
+    atexit.register(_ignore, signals)
 
 
 def received(signum: int) -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
 from typing import Any
 
 import lightning as L
@@ -18,6 +19,7 @@ from lightning.pytorch.loggers import WandbLogger
 from torchvision.utils import make_grid, save_image
 
 from sdtrain.diffusion.sampling import SamplingConfig, generate
+from sdtrain.training import signals
 from sdtrain.training.callbacks.ema import find_ema
 
 log = logging.getLogger(__name__)
@@ -37,7 +39,8 @@ class SampleGridCallback(L.Callback):
             self.render(trainer, pl_module)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.at_end and trainer.global_step != self._last_step:
+        # A run stopped by SLURM's warning signal is about to be requeued and killed: no time for a final grid.
+        if self.at_end and trainer.global_step != self._last_step and not signals.received(signal.SIGUSR1):
             self.render(trainer, pl_module)
 
     def pairs(self) -> list[tuple[str, int]]:
