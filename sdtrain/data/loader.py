@@ -110,7 +110,7 @@ class LatentStream(IterableDataset):
         self.seed = seed
         self.start_batch = start_batch  # batches this rank already consumed (resume)
         self.workers = max(1, cfg.num_workers)
-        self.total_bad = self.total_reads = 0  # per worker process, for the bad-sample rate check
+        self.total_bad = 0  # per worker process and epoch, for the bad-sample rate check
         self.errors: list[str] = []  # shard-level problems (unreadable, truncated), already logged
         self.skipped: Counter[str] = Counter()  # reasons since the last batch; sent along with the next one
 
@@ -148,7 +148,7 @@ class LatentStream(IterableDataset):
         consumed = skip_batches * self.cfg.batch_size
         batch: list[tuple[np.ndarray, str, str]] = []
         index, reads = 0, 0
-        self.total_bad, self.total_reads = 0, 0
+        self.total_bad = 0
         while index < needed:
             raw = next(samples)
             reads += 1
@@ -176,7 +176,6 @@ class LatentStream(IterableDataset):
     def _check_skip_rate(self, reads: int, raw: dict[str, Any], exc: SampleError) -> None:
         log.warning("skipping sample %s in %s: %s", raw.get("__key__"), raw.get("__url__"), exc)
         self.total_bad += 1
-        self.total_reads = max(self.total_reads, reads)
         if reads >= 100 and self.total_bad > self.cfg.max_skip_fraction * reads:
             raise DataError(f"{self.total_bad} of {reads} samples read were bad (last: {exc}); check the shards")
 
