@@ -1,5 +1,12 @@
 """User-facing errors: the launcher prints them as one line and exits non-zero, never a traceback wall."""
 
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from collections.abc import Callable
+
 
 class SdtrainError(Exception):
     """A problem the user can fix (bad config, bad data, missing file). Printed as `error: <message>`."""
@@ -15,3 +22,19 @@ class DataError(SdtrainError):
 
 class CheckpointError(SdtrainError):
     """A checkpoint that cannot be found or does not fit the model."""
+
+
+def command_line(run: Callable[[list[str] | None], int]) -> Callable[[list[str] | None], int]:
+    """Wrap a console script's body: INFO logging, and any SdtrainError as one `error: ...` line + exit code 2."""
+
+    @functools.wraps(run)
+    def main(argv: list[str] | None = None) -> int:
+        logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
+        try:
+            return run(argv)
+        except SdtrainError as exc:
+            message = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+            print(f"error: {message}", file=sys.stderr)
+            return 2
+
+    return main

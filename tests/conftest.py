@@ -12,3 +12,35 @@ from helpers import make_dataset  # noqa: E402
 def dataset(tmp_path_factory) -> Path:
     """64 synthetic samples of 4x8x8 moments in 4 shards of 16, with a manifest."""
     return make_dataset(tmp_path_factory.mktemp("latents"), n=64, per_shard=16)
+
+
+@pytest.fixture(scope="session")
+def val_dataset(tmp_path_factory) -> Path:
+    """40 held-out synthetic samples (other keys and values than `dataset`), for the validation loss."""
+    return make_dataset(tmp_path_factory.mktemp("val_latents"), n=40, per_shard=20, seed=5, start=1000)
+
+
+SHIFT = [0.3, -0.2, 0.1, 0.5]
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, dataset, val_dataset) -> Path:
+    """A 30-step tiny run with EMA, fixed-timestep validation every 10 steps and a per-channel latent shift
+    (so export has a shift to fold). Shared by the sampling/export/eval tests; returns the run folder."""
+    from helpers import run_train
+
+    run = tmp_path_factory.mktemp("trained") / "run"
+    result = run_train(
+        run,
+        f"data.shards={dataset}",
+        f"data.val_shards={val_dataset}",
+        f"data.shift_factor=[{','.join(map(str, SHIFT))}]",
+        "data.num_workers=0",
+        "trainer.max_steps=30",
+        "callbacks.validation.every_n_steps=10",
+        "callbacks.samples.every_n_steps=0",
+        "callbacks.sampling.steps=2",
+        "trainer.enable_progress_bar=false",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run

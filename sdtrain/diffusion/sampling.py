@@ -33,7 +33,9 @@ class SamplingConfig:
 
 
 def build_scheduler(sampler: str, train_scheduler_config: dict):  # noqa: ANN201 - a diffusers SchedulerMixin
-    kwargs = {"set_alpha_to_one": False, "steps_offset": 1} if sampler == "ddim" else {}
+    # steps_offset=1 is the SD convention (diffusers pipelines rewrite any other value); with the default
+    # "linspace"/"leading" spacing of these schedulers it only shifts DDIM's timesteps, as SD's DDIM does.
+    kwargs = {"set_alpha_to_one": False, "steps_offset": 1} if sampler == "ddim" else {"steps_offset": 1}
     return SCHEDULERS[sampler].from_config({**train_scheduler_config, **kwargs})
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -10,6 +11,9 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
 from sdtrain.errors import CheckpointError, ConfigError
+from sdtrain.models.pretrained import load_matching, model_folder, read_weights, unet_state
+
+log = logging.getLogger(__name__)
 
 ATTENTION_PROCESSORS = {"sdpa": AttnProcessor2_0, "math": AttnProcessor}
 
@@ -19,7 +23,9 @@ class UNetConfig:
     config: dict[str, Any] = field(default_factory=dict)
     """diffusers UNet2DConditionModel config (block_out_channels, cross_attention_dim, ...)."""
     pretrained: str | None = None
-    """Local diffusers folder (with config.json + weights) to start from instead of random init."""
+    """Start from these weights instead of random init: a local diffusers folder (or an sdtrain export), or a
+    single file (.safetensors/.ckpt: diffusers names, original SD/ldm names, or an sdtrain checkpoint) loaded into
+    the U-Net built from `config`."""
     attention: str = "sdpa"
     """sdpa (torch scaled_dot_product_attention: flash/mem-efficient on GPU) | math (reference)."""
     gradient_checkpointing: bool = False
@@ -31,23 +37,38 @@ class VAEConfig:
     config: dict[str, Any] = field(default_factory=dict)
     """diffusers AutoencoderKL config; used for random init when `pretrained` is None."""
     pretrained: str | None = None
-    """Local diffusers AutoencoderKL folder (the demo trains one; SD's VAE for real runs)."""
+    """Local diffusers AutoencoderKL folder (the demo trains one; SD's VAE for real runs), an sdtrain export, or a
+    diffusers-named .safetensors file loaded into the VAE built from `config`."""
 
 
-def _check_folder(path: str, what: str) -> None:
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        raise CheckpointError(f"{what} folder {path} has no config.json (expected a diffusers save_pretrained folder)")
+def _folder(path: str, part: str, where: str) -> str | None:
+    """The diffusers folder to load for `where`, None for a single weights file; errors for anything else."""
+    if os.path.isdir(path):
+        folder = model_folder(path, part)
+        if folder is None:
+            raise CheckpointError(f"{where} folder {path} has no config.json (expected a diffusers folder)")
+        return folder
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{where} not found: {path}")
+    return None
+
+
+def _from_config(cls: type, config: dict[str, Any], where: str) -> Any:
+    try:
+        return cls.from_config(config)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}.config: {exc}") from None
 
 
 def build_unet(cfg: UNetConfig) -> UNet2DConditionModel:
-    if cfg.pretrained:
-        _check_folder(cfg.pretrained, "model.unet.pretrained")
-        unet = UNet2DConditionModel.from_pretrained(cfg.pretrained, local_files_only=True)
+    folder = _folder(cfg.pretrained, "unet", "model.unet.pretrained") if cfg.pretrained else None
+    if folder:
+        unet = UNet2DConditionModel.from_pretrained(folder, local_files_only=True, low_cpu_mem_usage=False)
+        log.info("model.unet: loaded %s", folder)
     else:
-        try:
-            unet = UNet2DConditionModel.from_config(cfg.config)
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"model.unet.config: {exc}") from None
+        unet = _from_config(UNet2DConditionModel, cfg.config, "model.unet")
+        if cfg.pretrained:
+            load_matching(unet, unet_state(cfg.pretrained, dict(unet.config)), cfg.pretrained, "model.unet")
     if cfg.attention not in ATTENTION_PROCESSORS:
         raise ConfigError(f"model.unet.attention must be one of {sorted(ATTENTION_PROCESSORS)}, got {cfg.attention!r}")
     unet.set_attn_processor(ATTENTION_PROCESSORS[cfg.attention]())
@@ -57,10 +78,12 @@ def build_unet(cfg: UNetConfig) -> UNet2DConditionModel:
 
 
 def build_vae(cfg: VAEConfig) -> AutoencoderKL:
-    if cfg.pretrained:
-        _check_folder(cfg.pretrained, "model.vae.pretrained")
-        vae = AutoencoderKL.from_pretrained(cfg.pretrained, local_files_only=True)
+    folder = _folder(cfg.pretrained, "vae", "model.vae.pretrained") if cfg.pretrained else None
+    if folder:
+        vae = AutoencoderKL.from_pretrained(folder, local_files_only=True, low_cpu_mem_usage=False)
     else:
-        vae = AutoencoderKL.from_config(cfg.config)
+        vae = _from_config(AutoencoderKL, cfg.config, "model.vae")
+        if cfg.pretrained:
+            load_matching(vae, read_weights(cfg.pretrained), cfg.pretrained, "model.vae")
     vae.requires_grad_(False)
     return vae.eval()

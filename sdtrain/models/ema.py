@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -90,3 +91,11 @@ class EMAWeights:
         device = self.shadow[0].device if self.shadow else "cpu"
         self.shadow = [state["shadow"][n].to(device, torch.float32) for n in self.names]
         self.num_updates = int(state["num_updates"])
+
+
+def find_ema_state(checkpoint: dict[str, Any]) -> dict[str, Any] | None:
+    """The EMA callback's state in a Lightning checkpoint ({"shadow": {param name: tensor}, ...}) or None."""
+    for key, state in (checkpoint.get("callbacks") or {}).items():
+        if str(key).startswith("EMACallback") and isinstance(state, dict) and state.get("shadow"):
+            return state
+    return None

@@ -4,7 +4,8 @@
 2. train a tiny VAE so latents decode to real pictures;
 3. encode the set into latent shards + manifest.json (moments, with measured scaling/shift);
 4. train the tiny U-Net with EMA (`experiment=demo`), writing checkpoints and sample grids;
-5. leave DIR/samples_final.png next to DIR/real_grid.png (the real images of the same prompts).
+5. leave DIR/samples_final.png next to DIR/real_grid.png (the real images of the same prompts);
+6. sdtrain-eval: FID of an early and the final checkpoint vs DIR/real, and a mean-colour baseline (DIR/eval/).
 """
 
 from __future__ import annotations
@@ -21,11 +22,12 @@ import numpy as np
 import torch
 from torchvision.utils import make_grid, save_image
 
-from sdtrain.prep.emoji_images import emoji_pairs, load_pixels
+from sdtrain.prep.emoji_images import CaptionedImage, emoji_pairs, load_pixels
 from sdtrain.prep.shard_writer import LatentSample, write_shards
 from sdtrain.prep.vae_training import VAETrainConfig, encode_moments, latent_statistics, psnr, train_vae
 
 log = logging.getLogger("sdtrain.demo")
+FID_IMAGES = 200  # reference images = samples per evaluated checkpoint
 
 
 def demo_prompts() -> list[str]:
@@ -39,8 +41,18 @@ def demo_prompts() -> list[str]:
     return list(cfg.callbacks.sampling.prompts)
 
 
+def write_reference_images(pairs: list[CaptionedImage], pixels: np.ndarray, folder: str, count: int, seed: int) -> None:
+    """`count` random images of the set as NNNN.png + NNNN.txt (caption): the FID reference for sdtrain-eval."""
+    os.makedirs(folder, exist_ok=True)
+    chosen = np.random.default_rng(seed).choice(len(pairs), size=min(count, len(pairs)), replace=False)
+    for i, index in enumerate(sorted(chosen)):
+        save_image((torch.from_numpy(pixels[index]) + 1) / 2, os.path.join(folder, f"{i:04d}.png"))
+        with open(os.path.join(folder, f"{i:04d}.txt"), "w", encoding="utf-8") as f:
+            f.write(pairs[index].caption)
+
+
 def prepare(out: str, image_size: int, vae_seconds: float) -> tuple[str, str]:
-    """Steps 1-3; returns (vae folder, manifest path)."""
+    """Steps 1-3; returns (vae folder, manifest path); the validation set is OUT/latents_val."""
     pairs = emoji_pairs()
     pixels = load_pixels(pairs, image_size)
     log.info("raw set: %d captioned images at %dpx", len(pairs), image_size)
@@ -67,17 +79,21 @@ def prepare(out: str, image_size: int, vae_seconds: float) -> tuple[str, str]:
     scale, shift = latent_statistics(moments)
     vae.register_to_config(scaling_factor=scale, shift_factor=None)
     vae.save_pretrained(vae_dir)
-    samples = (
-        LatentSample(p.key, m, p.caption, {"width": image_size, "height": image_size, "source": "twemoji"})
-        for p, m in zip(pairs, moments, strict=True)
-    )
     vae_info = {
         "name": "sdtrain-demo-vae",
         "scaling_factor": scale,
         "shift_factor": shift,
         "latent_channels": moments.shape[1] // 2,
     }
-    write_shards(samples, os.path.join(out, "latents"), samples_per_shard=256, vae=vae_info)
+    # The held-out images (unseen by the VAE and the U-Net) become the validation-loss set.
+    for folder, mask in (("latents", train_mask), ("latents_val", ~train_mask)):
+        samples = (
+            LatentSample(p.key, m, p.caption, {"width": image_size, "height": image_size, "source": "twemoji"})
+            for p, m, keep in zip(pairs, moments, mask, strict=True)
+            if keep
+        )
+        write_shards(samples, os.path.join(out, folder), samples_per_shard=256, vae=vae_info)
+    write_reference_images(pairs, pixels, os.path.join(out, "real"), count=FID_IMAGES, seed=1)
     by_caption = {p.caption: i for i, p in enumerate(pairs)}
     real = [torch.from_numpy(pixels[by_caption[c]]) for c in demo_prompts() if c in by_caption]
     save_image(
@@ -91,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--vae-seconds", type=float, default=150.0, help="VAE training time budget")
+    parser.add_argument("--skip-eval", action="store_true", help="no FID evaluation after training")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for the U-Net run, e.g. trainer.max_steps=200")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
@@ -104,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         "sdtrain.train",
         "experiment=demo",
         f"data.shards={os.path.abspath(manifest)}",
+        f"data.val_shards={os.path.abspath(os.path.join(args.out, 'latents_val', 'manifest.json'))}",
         f"model.vae.pretrained={os.path.abspath(vae_dir)}",
         f"hydra.run.dir={run_dir}",
         *args.overrides,
@@ -116,7 +134,22 @@ def main(argv: list[str] | None = None) -> int:
     final = os.path.join(args.out, "samples_final.png")
     shutil.copyfile(os.path.join(run_dir, "samples", grids[-1]), final)
     log.info("done: %s (generated, one row per prompt) vs %s (real)", final, os.path.join(args.out, "real_grid.png"))
-    return 0
+    if args.skip_eval:
+        return 0
+    return evaluate_run(run_dir, args.out)
+
+
+def evaluate_run(run_dir: str, out: str) -> int:
+    """Step 6: FID of the first step checkpoint and the final one vs the real images, and a mean-colour baseline."""
+    from sdtrain.evaluate.cli import main as eval_main
+
+    ckpt_dir = os.path.join(run_dir, "checkpoints")
+    steps = sorted(f for f in os.listdir(ckpt_dir) if f.startswith("step_") and f.endswith(".ckpt"))
+    checkpoints = [os.path.join(ckpt_dir, f) for f in steps[:1]] + [os.path.join(ckpt_dir, "last.ckpt")]
+    return eval_main(
+        [*checkpoints, "--real", os.path.join(out, "real"), "--out", os.path.join(out, "eval"), "--baseline"]
+        + ["--num-images", str(FID_IMAGES), "--steps", "20", "--guidance", "6"]
+    )
 
 
 if __name__ == "__main__":

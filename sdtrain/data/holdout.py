@@ -1,0 +1,63 @@
+"""A held-out latent set, read once into memory for validation: fixed order, fixed posterior draws, no caption
+dropout, so every evaluation sees exactly the same inputs (only the model changes between evaluations)."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from sdtrain.data.loader import LatentNormalizer, Tokenizer
+from sdtrain.data.samples import LatentField, SampleError, decode_caption, decode_latent
+from sdtrain.data.shards import ShardSet, iter_raw_samples
+from sdtrain.errors import DataError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(kw_only=True)
+class HoldoutSet:
+    latents: torch.Tensor
+    """(N, C, h, w), normalised like training latents."""
+    tokens: torch.Tensor
+    """(N, L)."""
+    skipped: Counter[str] = field(default_factory=Counter)
+
+    def __len__(self) -> int:
+        return self.latents.shape[0]
+
+
+def load_holdout(
+    shard_set: ShardSet,
+    *,
+    tokenizer: Tokenizer,
+    latent_channels: int,
+    normalizer: LatentNormalizer,
+    latent_key: str = "auto",
+    max_samples: int = 512,
+    seed: int = 0,
+) -> HoldoutSet:
+    """The first `max_samples` good samples of `shard_set` in shard order; bad ones are skipped and counted."""
+    latents: list[np.ndarray] = []
+    captions: list[str] = []
+    skipped: Counter[str] = Counter()
+    for shard in shard_set.shards:
+        for raw in iter_raw_samples(shard.url, lambda reason: skipped.update(["shard_error"])):
+            if len(latents) >= max_samples:
+                break
+            rng = np.random.default_rng([seed, len(latents)])
+            try:
+                latent = decode_latent(raw, LatentField.detect(raw, latent_key), latent_channels, rng)
+                captions.append(decode_caption(raw))
+            except SampleError as exc:
+                skipped[exc.reason] += 1
+                continue
+            latents.append(normalizer.normalize(latent))
+    if not latents:
+        raise DataError(f"validation set has no usable sample (skipped: {dict(skipped) or 'none read'})")
+    if skipped:
+        log.warning("validation set: skipped %s", dict(skipped))
+    return HoldoutSet(latents=torch.from_numpy(np.stack(latents)), tokens=tokenizer(captions), skipped=skipped)

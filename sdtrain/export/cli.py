@@ -1,0 +1,39 @@
+"""`sdtrain-export CKPT OUT`: a training checkpoint -> a diffusers folder (+ an ldm single-file U-Net).
+
+    sdtrain-export run/checkpoints/last.ckpt exported/            # EMA weights (default)
+    sdtrain-export run/checkpoints/last.ckpt exported-raw/ --weights raw
+
+Load it with diffusers: `UNet2DConditionModel.from_pretrained("exported/unet")`, or the whole pipeline with
+`sdtrain.export.pipeline.load_pipeline("exported/")`; fine-tune from it with `model.unet.pretrained=exported/`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from sdtrain.diffusion.sampling import SCHEDULERS
+from sdtrain.errors import command_line
+from sdtrain.export.diffusers_folder import export_diffusers
+from sdtrain.sample.trained import WEIGHTS, load_trained
+
+log = logging.getLogger("sdtrain.export")
+
+
+@command_line
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", help="a training checkpoint (.ckpt)")
+    parser.add_argument("out", help="output folder")
+    parser.add_argument("--weights", choices=WEIGHTS, default="ema", help="EMA (default) or raw U-Net weights")
+    parser.add_argument("--sampler", choices=sorted(SCHEDULERS), default="ddim", help="the folder's scheduler")
+    args = parser.parse_args(argv)
+    model = load_trained(args.checkpoint, args.weights)
+    export_diffusers(model, args.out, sampler=args.sampler)
+    log.info("exported step %d (%s weights) to %s", model.step, model.weights, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

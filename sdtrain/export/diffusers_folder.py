@@ -1,0 +1,128 @@
+"""Checkpoint -> a diffusers folder that any Stable Diffusion tooling loads, and back.
+
+    OUT/unet, OUT/vae, OUT/scheduler        diffusers save_pretrained folders (safetensors)
+    OUT/text_encoder/config.json + model.safetensors
+                                            the frozen OpenCLIP tower (sdtrain's text-encoding wrapper loads it)
+    OUT/model_index.json                    StableDiffusionPipeline, with the text encoder left to the caller
+    OUT/unet.ldm.safetensors                the U-Net under original SD names (single-file tools)
+    OUT/sdtrain.json                        step, which weights, latent normalisation, text-encoder reference
+
+Latent normalisation: SD pipelines decode `latents / scaling_factor`. A per-channel shift (centred latents) is
+folded into the VAE's 1x1 quant convs (encode gives z - shift, decode adds it back) so the folder is a standard
+SD layout; the original biases are kept in sdtrain.json, so importing gives back every tensor exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from safetensors.torch import load_file, save_file
+
+from sdtrain.diffusion.sampling import build_scheduler
+from sdtrain.errors import CheckpointError
+from sdtrain.export.ldm import unet_to_ldm
+from sdtrain.sample.trained import TrainedModel
+
+FORMAT = "sdtrain-export/1"
+
+
+@torch.no_grad()
+def fold_latent_shift(vae: AutoencoderKL, shift: list[float]) -> dict[str, list[float]]:
+    """Make `vae` encode to z - shift and decode z + shift; returns the original biases (to undo it exactly)."""
+    channels = vae.config.latent_channels
+    if vae.quant_conv is None or vae.post_quant_conv is None:
+        raise CheckpointError("the VAE has no quant convs to fold the latent shift into; export needs shift 0")
+    shift_t = torch.tensor(shift, dtype=torch.float64).expand(channels)
+    original = {
+        "quant_conv.bias": vae.quant_conv.bias.tolist(),
+        "post_quant_conv.bias": vae.post_quant_conv.bias.tolist(),
+    }
+    mean_bias = vae.quant_conv.bias[:channels]  # moments = [mean, logvar]: only the mean moves
+    mean_bias.copy_((mean_bias.double() - shift_t).to(mean_bias.dtype))
+    weight = vae.post_quant_conv.weight.double()[:, :, 0, 0]  # decode(z + shift) = W z + (W shift + b)
+    vae.post_quant_conv.bias.copy_((vae.post_quant_conv.bias.double() + weight @ shift_t).float())
+    return original
+
+
+def export_diffusers(model: TrainedModel, out: str, *, sampler: str = "ddim") -> str:
+    os.makedirs(out, exist_ok=True)
+    model.unet.save_pretrained(os.path.join(out, "unet"), safe_serialization=True)
+    vae = AutoencoderKL.from_config(model.vae.config)
+    vae.load_state_dict(model.vae.state_dict())
+    shift = model.normalizer.shift
+    original_biases = fold_latent_shift(vae, shift) if any(s != 0.0 for s in shift) else None
+    vae.register_to_config(scaling_factor=model.normalizer.scale, shift_factor=None)
+    vae.save_pretrained(os.path.join(out, "vae"), safe_serialization=True)
+    build_scheduler(sampler, model.diffusion.scheduler_config()).save_pretrained(os.path.join(out, "scheduler"))
+    text_dir = os.path.join(out, "text_encoder")
+    os.makedirs(text_dir, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.text_encoder.state_dict().items()}, f"{text_dir}/model.safetensors")
+    _write_json(
+        f"{text_dir}/config.json", {"class": "sdtrain.FrozenOpenCLIPText", **dataclasses.asdict(model.text_config)}
+    )
+    ldm = unet_to_ldm(model.unet.state_dict(), dict(model.unet.config))
+    save_file({k: v.contiguous() for k, v in ldm.items()}, os.path.join(out, "unet.ldm.safetensors"))
+    _write_json(os.path.join(out, "model_index.json"), _model_index(sampler))
+    _write_json(
+        os.path.join(out, "sdtrain.json"),
+        {
+            "format": FORMAT,
+            "step": model.step,
+            "weights": model.weights,
+            "latent_shape": list(model.latent_shape),
+            "scaling_factor": model.normalizer.scale,
+            "latent_shift": list(shift),
+            "vae_shift_folded": original_biases,
+            "diffusion": dataclasses.asdict(model.diffusion),
+        },
+    )
+    return out
+
+
+def _model_index(sampler: str) -> dict[str, Any]:
+    scheduler = type(build_scheduler(sampler, {})).__name__
+    return {
+        "_class_name": "StableDiffusionPipeline",
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "scheduler": ["diffusers", scheduler],
+        "text_encoder": [None, None],  # OpenCLIP tower: sdtrain.export.pipeline.ExportedTextEncoder
+        "tokenizer": [None, None],
+        "safety_checker": [None, None],
+        "feature_extractor": [None, None],
+        "image_encoder": [None, None],
+        "requires_safety_checker": False,
+    }
+
+
+def _write_json(path: str, data: dict[str, Any]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+
+
+def read_export_info(folder: str) -> dict[str, Any]:
+    path = os.path.join(folder, "sdtrain.json")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{folder} is not an sdtrain export (no sdtrain.json)")
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def import_diffusers(folder: str) -> dict[str, dict[str, torch.Tensor]]:
+    """The state dicts of an export: {"unet", "vae", "text_encoder"}, the VAE with its latent shift unfolded."""
+    info = read_export_info(folder)
+    unet = UNet2DConditionModel.from_pretrained(
+        os.path.join(folder, "unet"), local_files_only=True, low_cpu_mem_usage=False
+    )
+    vae = AutoencoderKL.from_pretrained(os.path.join(folder, "vae"), local_files_only=True, low_cpu_mem_usage=False)
+    vae_state = vae.state_dict()
+    for key, values in (info.get("vae_shift_folded") or {}).items():
+        vae_state[key] = torch.tensor(values, dtype=vae_state[key].dtype)
+    text = load_file(os.path.join(folder, "text_encoder", "model.safetensors"))
+    return {"unet": unet.state_dict(), "vae": vae_state, "text_encoder": text}

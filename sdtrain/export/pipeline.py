@@ -1,0 +1,83 @@
+"""Generate from an exported folder with diffusers' own StableDiffusionPipeline.
+
+The pipeline runs the U-Net, scheduler and VAE from the folder; prompts are encoded by `ExportedTextEncoder`
+(the frozen OpenCLIP tower saved next to them) and passed as `prompt_embeds`, since SD pipelines only know
+transformers' CLIP classes. Same seeds -> same pixels as `sdtrain-sample` on the checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from diffusers import StableDiffusionPipeline
+from safetensors.torch import load_file
+
+from sdtrain.diffusion.sampling import initial_noise
+from sdtrain.errors import CheckpointError
+from sdtrain.export.diffusers_folder import read_export_info
+from sdtrain.models.text_encoder import TextEncoderConfig, build_text_encoder, build_tokenizer
+
+
+class ExportedTextEncoder:
+    """prompts -> hidden states (B, L, width), from OUT/text_encoder."""
+
+    def __init__(self, folder: str, device: str | torch.device = "cpu") -> None:
+        text_dir = os.path.join(folder, "text_encoder")
+        if not os.path.isfile(os.path.join(text_dir, "config.json")):
+            raise CheckpointError(f"{folder} has no text_encoder/config.json (not an sdtrain export)")
+        with open(os.path.join(text_dir, "config.json"), encoding="utf-8") as f:
+            config = {k: v for k, v in json.load(f).items() if k != "class"}
+        self.config = TextEncoderConfig(**config)
+        self.encoder = build_text_encoder(self.config)
+        self.encoder.load_state_dict(load_file(os.path.join(text_dir, "model.safetensors")))
+        self.encoder.to(device)
+        self.tokenizer = build_tokenizer(self.config.context_length)
+        self.device = torch.device(device)
+
+    def __call__(self, prompts: Sequence[str]) -> torch.Tensor:
+        return self.encoder(self.tokenizer(list(prompts)).to(self.device))
+
+
+@dataclass
+class ExportedPipeline:
+    """diffusers' StableDiffusionPipeline on the folder + the folder's text encoder."""
+
+    pipe: StableDiffusionPipeline
+    text: ExportedTextEncoder
+    latent_shape: tuple[int, ...]
+
+    @torch.no_grad()
+    def __call__(
+        self, prompts: Sequence[str], seeds: Sequence[int], *, steps: int, guidance: float, negative_prompt: str = ""
+    ) -> torch.Tensor:
+        """Images (N, 3, H, W) in [0, 1]; the starting noise is sdtrain's per-seed noise, so seeds mean the same."""
+        factor = self.pipe.vae_scale_factor
+        return self.pipe(
+            prompt_embeds=self.text(prompts),
+            negative_prompt_embeds=self.text([negative_prompt] * len(prompts)),
+            latents=initial_noise(seeds, self.latent_shape, self.pipe.device),
+            height=self.latent_shape[1] * factor,
+            width=self.latent_shape[2] * factor,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            output_type="pt",
+        ).images
+
+
+def load_pipeline(folder: str, device: str | torch.device = "cpu") -> ExportedPipeline:
+    info = read_export_info(folder)
+    pipe = StableDiffusionPipeline.from_pretrained(
+        folder,
+        text_encoder=None,
+        tokenizer=None,
+        safety_checker=None,
+        feature_extractor=None,
+        local_files_only=True,
+        low_cpu_mem_usage=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return ExportedPipeline(pipe.to(device), ExportedTextEncoder(folder, device), tuple(info["latent_shape"]))

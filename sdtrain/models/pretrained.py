@@ -1,0 +1,97 @@
+"""Start from pretrained weights: a local diffusers folder, an sdtrain export, or a single weights file.
+
+Single files may be diffusers-named (`conv_in.weight`), original ldm/SD checkpoints (`model.diffusion_model.*`,
+mapped by diffusers' own `convert_ldm_unet_checkpoint`), or an sdtrain training checkpoint (EMA weights when it
+has them). Every load reports what it matched; a tensor of the wrong shape (wrong model size) is a ConfigError.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import zipfile
+from typing import Any
+
+import torch
+from diffusers.loaders.single_file_utils import LDM_UNET_KEY, convert_ldm_unet_checkpoint
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import nn
+
+from sdtrain.errors import CheckpointError, ConfigError
+from sdtrain.models.ema import find_ema_state
+
+log = logging.getLogger(__name__)
+
+
+def model_folder(path: str, part: str) -> str | None:
+    """The diffusers folder of `part` ("unet"/"vae") at `path`: the folder itself or its `part/` subfolder."""
+    for folder in (os.path.join(path, part), path):
+        if os.path.isfile(os.path.join(folder, "config.json")):
+            return folder
+    return None
+
+
+def read_weights(path: str) -> dict[str, torch.Tensor]:
+    """A flat {name: tensor} from .safetensors / .ckpt / .pt / .bin; CheckpointError if unreadable."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"weights file not found: {path}")
+    try:
+        if path.endswith(".safetensors"):
+            return load_file(path)
+        data: Any = torch.load(path, map_location="cpu", weights_only=True)
+    except (SafetensorError, RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"weights file {path} is unreadable: {first}") from None
+    if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
+        ema = find_ema_state(data)
+        state = data["state_dict"]
+        if any(k.startswith("unet.") for k in state):  # an sdtrain training checkpoint
+            log.info("%s is an sdtrain checkpoint: using its %s U-Net weights", path, "EMA" if ema else "raw")
+            unet = ema["shadow"] if ema else {k[5:]: v for k, v in state.items() if k.startswith("unet.")}
+            return {**{k: v for k, v in state.items() if not k.startswith("unet.")}, **unet}
+        data = state
+    if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
+        raise CheckpointError(f"weights file {path} does not hold a flat dict of tensors")
+    return data
+
+
+def unet_state(path: str, config: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """U-Net tensors under diffusers names from any supported single file."""
+    state = read_weights(path)
+    if any(k.startswith(LDM_UNET_KEY) for k in state):
+        log.info("%s has original SD (ldm) names: converting with diffusers' convert_ldm_unet_checkpoint", path)
+        return convert_ldm_unet_checkpoint(state, config)
+    return state
+
+
+def load_matching(module: nn.Module, state: dict[str, torch.Tensor], source: str, where: str) -> None:
+    """Load `state` into `module`, reporting missing/unexpected keys; wrong shapes and no overlap are errors."""
+    own = module.state_dict()
+    mismatched = [k for k in state if k in own and tuple(state[k].shape) != tuple(own[k].shape)]
+    if mismatched:
+        k = mismatched[0]
+        raise ConfigError(
+            f"{source} does not fit {where}: {len(mismatched)} tensors differ in shape (first: {k} is "
+            f"{tuple(state[k].shape)} there, {tuple(own[k].shape)} here) - wrong model size or config?"
+        )
+    matched = [k for k in state if k in own]
+    if not matched:
+        raise ConfigError(f"{source} has no tensor of {where} (first key there: {next(iter(state), 'none')})")
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    module.load_state_dict({k: state[k] for k in matched}, strict=False)
+    log.info(
+        "%s: loaded %d/%d tensors from %s; missing %d%s; unexpected %d%s",
+        where,
+        len(matched),
+        len(own),
+        source,
+        len(missing),
+        f" (first: {missing[0]})" if missing else "",
+        len(unexpected),
+        f" (first: {unexpected[0]})" if unexpected else "",
+    )
+    if missing:
+        log.warning("%s: %d tensors keep their random init (not in %s)", where, len(missing), source)

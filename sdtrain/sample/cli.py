@@ -1,0 +1,160 @@
+"""`sdtrain-sample CKPT`: prompts -> PNGs + a grid, from a training checkpoint (EMA weights by default).
+
+    sdtrain-sample run/checkpoints/last.ckpt --prompt "red heart" --prompt "cat face" --seeds 0 1 2 --out samples/
+    sdtrain-sample last.ckpt --prompts-file prompts.txt --sampler dpm++ --steps 20 --guidance 6 --batch-size 16
+
+One image per (prompt, seed): the same seed gives the same image whatever the batch size or device, and the
+exported diffusers folder (sdtrain-export) reproduces it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import sys
+from collections.abc import Sequence
+
+import torch
+from torchvision.utils import make_grid, save_image
+from tqdm import tqdm
+
+from sdtrain.diffusion.sampling import SCHEDULERS, SamplingConfig, generate
+from sdtrain.errors import ConfigError, command_line
+from sdtrain.sample.trained import WEIGHTS, TrainedModel, load_trained
+
+log = logging.getLogger("sdtrain.sample")
+
+
+def read_prompts(path: str) -> list[str]:
+    """One prompt per non-empty line; ConfigError for a missing or non-UTF-8 file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except FileNotFoundError:
+        raise ConfigError(f"prompt file not found: {path}") from None
+    except UnicodeDecodeError as exc:
+        line = exc.object[: exc.start].count(b"\n") + 1
+        raise ConfigError(f"prompt file {path} is not valid UTF-8 (line {line}, byte {exc.start})") from None
+    prompts = [line.strip() for line in lines if line.strip()]
+    if not prompts:
+        raise ConfigError(f"prompt file {path} has no prompts")
+    return prompts
+
+
+def latent_shape_for(model: TrainedModel, height: int | None, width: int | None) -> tuple[int, ...]:
+    """Latent (C, h, w) for an image size in pixels; the training size when none is given."""
+    channels, h, w = model.latent_shape
+    factor = 2 ** (len(model.vae.config.block_out_channels) - 1)
+    if height is None and width is None:
+        return channels, h, w
+    height, width = height or h * factor, width or w * factor
+    if height % factor or width % factor:
+        raise ConfigError(f"image size {height}x{width} must be a multiple of the VAE's factor {factor}")
+    return channels, height // factor, width // factor
+
+
+def sample_images(
+    model: TrainedModel,
+    pairs: Sequence[tuple[str, int]],
+    cfg: SamplingConfig,
+    *,
+    batch_size: int,
+    latent_shape: tuple[int, ...],
+    progress: bool = False,
+) -> torch.Tensor:
+    """Images (N, 3, H, W) in [0, 1] for (prompt, seed) pairs, `batch_size` at a time."""
+    tokenizer = model.tokenizer()
+    out = []
+    batches = range(0, len(pairs), batch_size)
+    for start in tqdm(batches, desc="sampling", unit="batch", disable=not progress):
+        chunk = pairs[start : start + batch_size]
+        out.append(
+            generate(
+                unet=model.unet,
+                vae=model.vae,
+                text_encoder=model.text_encoder,
+                tokenizer=tokenizer,
+                denormalize=model.normalizer.denormalize,
+                prompts=[p for p, _ in chunk],
+                seeds=[s for _, s in chunk],
+                latent_shape=latent_shape,
+                cfg=cfg,
+                train_scheduler_config=model.diffusion.scheduler_config(),
+            ).cpu()
+        )
+    return torch.cat(out)
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:40] or "prompt"
+
+
+def write_images(images: torch.Tensor, pairs: Sequence[tuple[str, int]], out: str, seeds_per_prompt: int) -> str:
+    """PNG per image, grid.png (a row per prompt) and samples.jsonl (file, prompt, seed); returns the grid path."""
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "samples.jsonl"), "w", encoding="utf-8") as index:
+        for i, (image, (prompt, seed)) in enumerate(zip(images, pairs, strict=True)):
+            name = f"{i:04d}_{slug(prompt)}_s{seed}.png"
+            save_image(image, os.path.join(out, name))
+            index.write(json.dumps({"file": name, "prompt": prompt, "seed": seed}, ensure_ascii=False) + "\n")
+    grid = os.path.join(out, "grid.png")
+    save_image(make_grid(images, nrow=seeds_per_prompt, padding=2, pad_value=1.0), grid)
+    return grid
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", help="a training checkpoint (.ckpt)")
+    parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    parser.add_argument("--prompts-file", help="a UTF-8 text file, one prompt per line")
+    parser.add_argument("--out", default="samples", help="output folder (default: samples)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="one image per prompt and seed")
+    parser.add_argument("--sampler", choices=sorted(SCHEDULERS), default="ddim")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--guidance", type=float, default=6.0, help="CFG scale; 1 = conditional only")
+    parser.add_argument("--negative-prompt", default="")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--height", type=int, help="pixels (default: the training size)")
+    parser.add_argument("--width", type=int, help="pixels (default: the training size)")
+    parser.add_argument("--weights", choices=WEIGHTS, default="ema", help="EMA (default) or raw U-Net weights")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> str:
+    prompts = list(args.prompt) + (read_prompts(args.prompts_file) if args.prompts_file else [])
+    if not prompts:
+        raise ConfigError("give prompts with --prompt or --prompts-file")
+    if args.steps < 1 or args.batch_size < 1:
+        raise ConfigError("--steps and --batch-size must be >= 1")
+    model = load_trained(args.checkpoint, args.weights, args.device)
+    shape = latent_shape_for(model, args.height, args.width)
+    cfg = SamplingConfig(
+        prompts=prompts,
+        seeds=list(args.seeds),
+        steps=args.steps,
+        guidance=args.guidance,
+        negative_prompt=args.negative_prompt,
+        sampler=args.sampler,
+    )
+    pairs = [(p, s) for p in prompts for s in args.seeds]
+    log.info(
+        "step %d (%s weights): %d images, %s x %d steps", model.step, model.weights, len(pairs), cfg.sampler, cfg.steps
+    )
+    images = sample_images(model, pairs, cfg, batch_size=args.batch_size, latent_shape=shape, progress=True)
+    return write_images(images, pairs, args.out, len(args.seeds))
+
+
+@command_line
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    grid = run(args)
+    log.info("wrote %s and one PNG per image in %s", grid, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

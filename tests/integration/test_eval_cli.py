@@ -1,0 +1,64 @@
+"""sdtrain-eval end to end on a trained checkpoint; fine-tuning from an export through the training CLI."""
+
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from helpers import REPO, run_train
+
+from sdtrain.evaluate.cli import main as eval_main
+from sdtrain.export.diffusers_folder import export_diffusers
+from sdtrain.sample.trained import load_trained
+
+pytestmark = pytest.mark.slow
+
+
+def test_eval_cli_table_plot_and_baseline(trained_run, tmp_path, capsys):
+    from PIL import Image
+
+    real = tmp_path / "real"
+    real.mkdir()
+    generator = torch.Generator().manual_seed(0)
+    for i in range(8):
+        pixels = (torch.rand(32, 32, 3, generator=generator) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(real / f"{i:04d}.png")
+        (real / f"{i:04d}.txt").write_text(f"grinning face {i}")
+    ckpts = sorted((trained_run / "checkpoints").glob("*.ckpt"))
+    out = tmp_path / "eval"
+    cmd = [sys.executable, "-m", "sdtrain.evaluate.cli", *map(str, ckpts), "--real", str(real), "--out", str(out)]
+    cmd += ["--num-images", "8", "--steps", "2", "--baseline"]
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = list(csv.DictReader((out / "metrics.csv").read_text().splitlines()))
+    assert [r["name"] for r in rows][-1] == "mean colour image" and len(rows) == len(ckpts) + 1
+    assert all(float(r["fid"]) > 0 for r in rows)
+    assert json.loads((out / "metrics.json").read_text())[0]["step"] == 30
+    assert (out / "metrics.png").stat().st_size > 1000
+
+    assert eval_main([*cmd[3:], "--inception", "/nonexistent.pt"]) == 2
+    assert capsys.readouterr().err.strip() == "error: Inception weights not found: /nonexistent.pt"
+
+
+def test_fine_tune_from_export_and_ldm_file(trained_run, tmp_path, dataset):
+    model = load_trained(str(trained_run / "checkpoints" / "last.ckpt"))
+    export = export_diffusers(model, str(tmp_path / "export"))
+    for source, expect in ((export, "model.unet: loaded"), (f"{export}/unet.ldm.safetensors", "converting")):
+        run = tmp_path / f"ft_{len(source)}"
+        result = run_train(
+            run, f"data.shards={dataset}", f"model.unet.pretrained={source}", "debug=fast", "trainer.max_steps=1"
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert expect in result.stdout + result.stderr
+        if source.endswith(".safetensors"):
+            assert "loaded 326/326 tensors" in result.stdout + result.stderr
+    wrong = run_train(
+        tmp_path / "wrong",
+        f"data.shards={dataset}",
+        f"model.unet.pretrained={export}/unet.ldm.safetensors",
+        "model.unet.config.block_out_channels=[16,32,64]",
+        "debug=fast",
+    )
+    assert wrong.returncode == 2 and "wrong model size" in wrong.stderr and "Traceback" not in wrong.stderr

@@ -1,0 +1,150 @@
+"""Sampling from a checkpoint, export to diffusers, and back: determinism, CFG=1, same pixels, every tensor."""
+
+import csv
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import SHIFT
+from diffusers import UNet2DConditionModel
+from helpers import REPO
+
+from sdtrain.diffusion.sampling import SamplingConfig, build_scheduler, initial_noise
+from sdtrain.export.diffusers_folder import export_diffusers, import_diffusers
+from sdtrain.export.pipeline import load_pipeline
+from sdtrain.models.ema import find_ema_state
+from sdtrain.sample.cli import main as sample_main
+from sdtrain.sample.cli import sample_images
+from sdtrain.sample.trained import load_trained
+from sdtrain.training.checkpoint import load_checkpoint_file
+
+pytestmark = pytest.mark.slow
+PAIRS = [("grinning face 0", 0), ("red apple 1", 1), ("blue car 2", 2), ("grinning face 0", 7)]
+
+
+@pytest.fixture(scope="module")
+def ckpt(trained_run):
+    return str(trained_run / "checkpoints" / "last.ckpt")
+
+
+def test_validation_loss_is_logged_and_falls(trained_run):
+    rows = list(csv.DictReader((trained_run / "logs" / "version_0" / "metrics.csv").read_text().splitlines()))
+    val = {int(r["step"]): float(r["val/loss"]) for r in rows if r.get("val/loss")}
+    assert sorted(val) == [0, 10, 20, 30]
+    assert val[30] < val[0] * 0.8, val
+    assert any(r.get("val/loss_t062") for r in rows)  # per-timestep curve: 8 of 1000 -> 62, 187, ...
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "euler", "dpm++"])
+def test_samples_are_deterministic_per_seed_whatever_the_batch(ckpt, sampler):
+    model = load_trained(ckpt)
+    cfg = SamplingConfig(steps=4, guidance=3.0, sampler=sampler)
+    one_by_one = sample_images(model, PAIRS, cfg, batch_size=1, latent_shape=model.latent_shape)
+    batched = sample_images(model, PAIRS, cfg, batch_size=4, latent_shape=model.latent_shape)
+    again = sample_images(model, PAIRS, cfg, batch_size=4, latent_shape=model.latent_shape)
+    assert torch.equal(batched, again)
+    assert torch.allclose(one_by_one, batched, atol=1e-5)
+    assert not torch.allclose(batched[0], batched[3], atol=1e-3)  # same prompt, other seed: another image
+
+
+def test_guidance_one_equals_the_conditional_only_path(ckpt):
+    """CFG 1 skips the unconditional pass; it must equal the two-branch formula uncond + 1 * (cond - uncond)."""
+    model = load_trained(ckpt)
+    cfg = SamplingConfig(steps=4, guidance=1.0, negative_prompt="blue car")
+    fast = sample_images(model, PAIRS[:2], cfg, batch_size=2, latent_shape=model.latent_shape)
+    tokenizer = model.tokenizer()
+    cond = model.text_encoder(tokenizer([p for p, _ in PAIRS[:2]]))
+    uncond = model.text_encoder(tokenizer(["blue car"] * 2))
+    scheduler = build_scheduler("ddim", model.diffusion.scheduler_config())
+    scheduler.set_timesteps(4)
+    latents = initial_noise([0, 1], model.latent_shape, torch.device("cpu")) * scheduler.init_noise_sigma
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            pred = model.unet(torch.cat([latents] * 2), t, encoder_hidden_states=torch.cat([uncond, cond])).sample
+            u, c = pred.chunk(2)
+            latents = scheduler.step(u + 1.0 * (c - u), t, latents).prev_sample
+        pixels = model.vae.decode(model.normalizer.denormalize(latents)).sample
+    assert torch.allclose(fast, ((pixels + 1) / 2).clamp(0, 1), atol=1e-5)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpm++"])
+def test_export_loads_in_diffusers_and_gives_the_same_pixels(ckpt, tmp_path, sampler):
+    model = load_trained(ckpt)
+    assert model.normalizer.shift == SHIFT  # the shift is folded into the exported VAE
+    out = export_diffusers(model, str(tmp_path / "export"), sampler=sampler)
+    unet = UNet2DConditionModel.from_pretrained(f"{out}/unet")
+    ours = model.unet.state_dict()
+    assert all(torch.equal(tensor, ours[key]) for key, tensor in unet.state_dict().items())
+    pipeline = load_pipeline(out)
+    prompts, seeds = [p for p, _ in PAIRS], [s for _, s in PAIRS]
+    for guidance in (1.0, 4.0):
+        ours = sample_images(
+            model,
+            PAIRS,
+            SamplingConfig(steps=5, guidance=guidance, sampler=sampler),
+            batch_size=4,
+            latent_shape=model.latent_shape,
+        )
+        theirs = pipeline(prompts, seeds, steps=5, guidance=guidance)
+        assert (ours - theirs).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("weights", ["ema", "raw"])
+def test_import_of_export_keeps_every_tensor(ckpt, tmp_path, weights):
+    out = export_diffusers(load_trained(ckpt, weights), str(tmp_path / weights))
+    back = import_diffusers(out)
+    checkpoint = load_checkpoint_file(ckpt)
+    state = checkpoint["state_dict"]
+    expected = {
+        "unet": find_ema_state(checkpoint)["shadow"]
+        if weights == "ema"
+        else {k[5:]: v for k, v in state.items() if k.startswith("unet.")},
+        "vae": {k[4:]: v for k, v in state.items() if k.startswith("vae.")},
+        "text_encoder": {k[13:]: v for k, v in state.items() if k.startswith("text_encoder.")},
+    }
+    for part, tensors in expected.items():
+        assert set(back[part]) == set(tensors), part
+        for key, tensor in tensors.items():
+            assert torch.equal(back[part][key], tensor), (part, key)
+    ema, raw = find_ema_state(checkpoint)["shadow"], expected["unet"]
+    assert weights == "ema" or any(not torch.equal(ema[k], raw[k]) for k in raw)  # the flag picks different weights
+
+
+def _cli(module, *args, timeout=300):
+    return subprocess.run(
+        [sys.executable, "-m", module, *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def test_sample_cli_writes_pngs_grid_and_index(ckpt, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("red apple 1\n\nblue car 2\n", encoding="utf-8")
+    out = tmp_path / "samples"
+    result = _cli("sdtrain.sample.cli", ckpt, "--prompts-file", prompts, "--seeds", 0, 1, "--steps", 3, "--out", out)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert len(list(out.glob("0*.png"))) == 4 and (out / "grid.png").exists()
+    assert (out / "samples.jsonl").read_text().count("\n") == 4
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("missing_checkpoint", "checkpoint not found: /nonexistent.ckpt"),
+        ("bad_utf8", "is not valid UTF-8 (line 2"),
+        ("no_prompts", "give prompts with --prompt or --prompts-file"),
+        ("bad_size", "must be a multiple of the VAE's factor 4"),
+    ],
+)
+def test_sample_cli_bad_input_is_one_line(ckpt, tmp_path, capsys, case, message):
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"red apple\n\xff\xfe broken\n")
+    args = {
+        "missing_checkpoint": ["/nonexistent.ckpt", "--prompt", "x"],
+        "bad_utf8": [ckpt, "--prompts-file", bad],
+        "no_prompts": [ckpt],
+        "bad_size": [ckpt, "--prompt", "x", "--height", "30"],
+    }[case]
+    assert sample_main([str(a) for a in args]) == 2  # the console script's body, in process
+    stderr = capsys.readouterr().err
+    assert message in stderr and len(stderr.strip().splitlines()) == 1, stderr
