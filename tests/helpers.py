@@ -32,3 +32,51 @@ def run_train(run_dir: Path, *overrides: str, timeout: int = 600, env: dict | No
     cmd = [sys.executable, "-m", "sdtrain.train", "experiment=tiny", f"hydra.run.dir={run_dir}", *overrides]
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=full_env)
+
+
+def write_raw_tar(path: Path, samples) -> Path:
+    """An img2dataset-style tar: KEY.png|jpg + KEY.txt + KEY.json per (key, image bytes, caption bytes, meta)."""
+    import io
+    import json
+    import tarfile
+
+    with tarfile.open(path, "w") as tar:
+        for key, image, caption, meta, ext in samples:
+            for name, data in ((f"{key}.{ext}", image), (f"{key}.txt", caption), (f"{key}.json", meta)):
+                if data is None:
+                    continue
+                data = json.dumps(data).encode() if isinstance(data, dict) else data
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def emoji_raw_tars(out_dir: Path, count: int = 96, per_tar: int = 32, size: int = 40) -> list[Path]:
+    """Real twemoji images + names as img2dataset tars (PNG, `size` px, LAION-like json)."""
+    import io
+
+    from PIL import Image
+
+    from sdtrain.prep.emoji_images import emoji_pairs
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pairs = emoji_pairs()[::7][:count]
+    tars = []
+    for t in range(0, len(pairs), per_tar):
+        samples = []
+        for i, pair in enumerate(pairs[t : t + per_tar], start=t):
+            buf = io.BytesIO()
+            with Image.open(pair.path) as im:
+                im.convert("RGBA").resize((size, size)).save(buf, "PNG")
+            meta = {
+                "url": f"https://example.org/{pair.key}.png",
+                "width": size,
+                "height": size,
+                "aesthetic": 4.0 + (i % 5),
+                "punsafe": 0.01 * (i % 3),
+                "pwatermark": 0.1,
+            }
+            samples.append((f"{i:09d}", buf.getvalue(), pair.caption.encode(), meta, "png"))
+        tars.append(write_raw_tar(out_dir / f"{t // per_tar:05d}.tar", samples))
+    return tars

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from itertools import count, islice
@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from sdtrain.data.plan import EpochPlan, SlotPlan, consumed_per_worker, plan_epoch
-from sdtrain.data.samples import LatentField, SampleError, decode_caption, decode_latent
+from sdtrain.data.samples import LatentField, SampleError, decode_caption, decode_latent, decode_text
 from sdtrain.data.shards import ShardSet, iter_raw_samples
 from sdtrain.errors import DataError
 
@@ -32,6 +32,8 @@ Tokenizer = Callable[[list[str]], torch.Tensor]
 class LatentDataConfig:
     shards: Any = None
     """Manifest, brace pattern, glob, or a list of patterns (see sdtrain/data/shards.py)."""
+    val_shards: Any = None
+    """Held-out shards for callbacks.validation (same forms as `shards`); None = no validation loss."""
     batch_size: int = 32
     """Per-rank micro-batch size."""
     num_workers: int = 2
@@ -47,6 +49,9 @@ class LatentDataConfig:
     """Multiplies (latent - shift); None = the manifest's vae.scaling_factor, else 0.18215 (SD 1/2)."""
     shift_factor: Any = None
     """Subtracted before scaling: a number or one per channel; None = the manifest's vae.shift_factor, else 0."""
+    text_embeddings: bool = False
+    """Use the shards' pre-encoded `text.npy` instead of tokenising captions; the manifest's text_encoder must
+    match the run's model.text_encoder (else a DataError)."""
     prefetch_factor: int = 2
     max_skip_fraction: float = 0.5
     """Stop with an error when more than this fraction of samples read by a worker is bad (after 100 reads)."""
@@ -69,7 +74,7 @@ class LatentNormalizer:
     def resolve(cls, cfg: LatentDataConfig, manifest: dict[str, Any]) -> LatentNormalizer:
         vae = manifest.get("vae") or {}
         scale = cfg.scaling_factor if cfg.scaling_factor is not None else vae.get("scaling_factor", 0.18215)
-        shift = cfg.shift_factor if cfg.shift_factor is not None else vae.get("shift_factor", 0.0)
+        shift = cfg.shift_factor if cfg.shift_factor is not None else (vae.get("shift_factor") or 0.0)
         return cls(float(scale), [float(s) for s in (shift if isinstance(shift, list | tuple) else [shift])])
 
     def _shift(self, like: torch.Tensor | np.ndarray) -> Any:
@@ -84,8 +89,9 @@ class LatentNormalizer:
 
 
 class LatentStream(IterableDataset):
-    """Yields dict batches forever: latents (B,C,h,w) float32, tokens (B,L) int64, keys (sample keys),
-    skipped ({reason: count} of samples dropped since the previous batch of this worker)."""
+    """Yields dict batches forever: latents (B,C,h,w) float32, tokens (B,L) int64 (or with data.text_embeddings:
+    context (B,L,D) float32 + dropped (B,) bool), keys (sample keys), skipped ({reason: count} of samples dropped
+    since the previous batch of this worker). A batch holds one latent shape (aspect buckets)."""
 
     def __init__(
         self,
@@ -142,33 +148,35 @@ class LatentStream(IterableDataset):
         plan = self.plan(epoch)
         slot = self.rank * self.workers + worker
         samples = self._shuffled(plan.slots[slot], epoch, slot)
-        needed = plan.batches_per_slot * self.cfg.batch_size
-        # On resume the first `consumed` good samples are replayed (read, checked, not tokenised or batched), so
-        # the shuffle buffer, the bad-sample skips and every per-sample seed line up with the first run.
-        consumed = skip_batches * self.cfg.batch_size
-        batch: list[tuple[np.ndarray, str, str]] = []
-        index, reads = 0, 0
+        # Samples are grouped by latent shape (aspect buckets): a batch holds one shape. With one shape this is
+        # plain consecutive batching. The first `skip_batches` batches are replayed (read, checked, grouped, not
+        # tokenised or collated), so the shuffle buffer, skips and per-sample seeds line up with the first run.
+        groups: dict[tuple[int, ...], list[tuple[np.ndarray, str, str, np.ndarray | None]]] = defaultdict(list)
+        emitted, index, reads = 0, 0, 0
         self.total_bad = 0
-        while index < needed:
+        while emitted < plan.batches_per_slot:
             raw = next(samples)
             reads += 1
             rng = np.random.default_rng([self.seed, epoch, slot, index])
+            replaying = emitted < skip_batches
             try:
                 latent = decode_latent(raw, self._field(raw), self.latent_channels, rng)
                 caption = decode_caption(raw)
+                text = decode_text(raw) if self.cfg.text_embeddings else None
             except SampleError as exc:
-                if index >= consumed:  # replayed skips were counted and logged by the first run
+                if not replaying:  # replayed skips were counted and logged by the first run
                     self.skipped[exc.reason] += 1
                     self._check_skip_rate(reads, raw, exc)
                 continue
             drop = rng.random() < self.cfg.caption_dropout
             index += 1
-            if index <= consumed:
-                continue
-            batch.append((self.normalizer.normalize(latent), "" if drop else caption, raw["__key__"]))
-            if len(batch) == self.cfg.batch_size:
-                yield self._collate(batch)
-                batch = []
+            group = groups[latent.shape]
+            group.append((latent, "" if drop else caption, raw["__key__"], None if text is None else text))
+            if len(group) == self.cfg.batch_size:
+                groups[latent.shape] = []
+                emitted += 1
+                if emitted > skip_batches:
+                    yield self._collate(group)
 
     def _field(self, raw: dict[str, Any]) -> LatentField:
         return LatentField.detect(raw, self.cfg.latent_key)
@@ -179,11 +187,16 @@ class LatentStream(IterableDataset):
         if reads >= 100 and self.total_bad > self.cfg.max_skip_fraction * reads:
             raise DataError(f"{self.total_bad} of {reads} samples read were bad (last: {exc}); check the shards")
 
-    def _collate(self, batch: list[tuple[np.ndarray, str, str]]) -> dict[str, Any]:
-        latents = torch.from_numpy(np.stack([b[0] for b in batch]))
-        tokens = self.tokenizer([b[1] for b in batch])
+    def _collate(self, batch: list[tuple[np.ndarray, str, str, np.ndarray | None]]) -> dict[str, Any]:
+        latents = torch.from_numpy(np.stack([self.normalizer.normalize(b[0]) for b in batch]))
         skipped, self.skipped = dict(self.skipped), Counter()
-        return {"latents": latents, "tokens": tokens, "keys": [b[2] for b in batch], "skipped": skipped}
+        out = {"latents": latents, "keys": [b[2] for b in batch], "skipped": skipped}
+        if self.cfg.text_embeddings:  # hidden states instead of tokens; dropped captions get the empty prompt's
+            out["context"] = torch.from_numpy(np.stack([b[3] for b in batch]).astype(np.float32))
+            out["dropped"] = torch.tensor([b[1] == "" for b in batch])
+        else:
+            out["tokens"] = self.tokenizer([b[1] for b in batch])
+        return out
 
     def _one_pass(self, slot_plan: SlotPlan) -> Iterator[dict[str, Any]]:
         """The slot's own samples, once, in reading order (the parts of shards the epoch plan gave it)."""

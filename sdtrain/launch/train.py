@@ -30,7 +30,7 @@ from sdtrain.data.loader import LatentDataConfig, LatentNormalizer, LatentStream
 from sdtrain.data.shards import resolve_shards
 from sdtrain.diffusion.objective import DiffusionConfig, DiffusionObjective
 from sdtrain.diffusion.sampling import SamplingConfig
-from sdtrain.errors import CheckpointError, ConfigError, SdtrainError
+from sdtrain.errors import CheckpointError, ConfigError, DataError, SdtrainError
 from sdtrain.launch.loggers import build_loggers
 from sdtrain.launch.strategy import build_strategy
 from sdtrain.models.diffusers_parts import UNetConfig, VAEConfig, build_unet, build_vae
@@ -40,6 +40,7 @@ from sdtrain.training.callbacks.ema import EMACallback
 from sdtrain.training.callbacks.preemption import RequeueOnSignal
 from sdtrain.training.callbacks.samples import SampleGridCallback
 from sdtrain.training.callbacks.throughput import ThroughputCallback
+from sdtrain.training.callbacks.validation import FixedTimestepValidation, ValidationConfig
 from sdtrain.training.checkpoint import (
     AtomicCheckpointIO,
     RunCheckpoint,
@@ -48,6 +49,7 @@ from sdtrain.training.checkpoint import (
 )
 from sdtrain.training.module import LatentDiffusionModule
 from sdtrain.training.optim import OptimConfig
+from sdtrain.training.spec import build_spec
 
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 log = logging.getLogger("sdtrain")
@@ -72,6 +74,21 @@ class PreemptionConfig:
 class SampleScheduleConfig:
     every_n_steps: int = 500
     at_end: bool = True
+
+
+def check_text_embeddings(manifest: dict[str, Any], text_cfg: TextEncoderConfig) -> None:
+    """Pre-encoded text.npy is only usable from the very text encoder this run has (never silently mixed)."""
+    recorded = (manifest or {}).get("text_encoder")
+    if not recorded:
+        raise DataError("data.text_embeddings=true but the manifest names no text encoder (shards without text.npy)")
+    expected = text_cfg.identity()
+    differ = sorted(k for k in expected if recorded.get(k) != expected[k])
+    if differ:
+        k = differ[0]
+        raise DataError(
+            f"the shards' text.npy came from another text encoder ({k}: {recorded.get(k)!r} there, {expected[k]!r} "
+            "in model.text_encoder); set data.text_embeddings=false to encode the captions instead"
+        )
 
 
 def build_module(cfg: DictConfig, data: LatentDataConfig) -> tuple[LatentDiffusionModule, LatentDataModule]:
@@ -100,6 +117,8 @@ def build_module(cfg: DictConfig, data: LatentDataConfig) -> tuple[LatentDiffusi
     shard_set = resolve_shards(data.shards)
     latent_shape = probe_dataset(shard_set, data, unet.config.in_channels)
     normalizer = LatentNormalizer.resolve(data, shard_set.manifest)
+    if data.text_embeddings:
+        check_text_embeddings(shard_set.manifest, text_cfg)
     datamodule = LatentDataModule(
         partial(
             LatentStream,
@@ -111,23 +130,33 @@ def build_module(cfg: DictConfig, data: LatentDataConfig) -> tuple[LatentDiffusi
             seed=cfg.seed,
         )
     )
+    vae = build_vae(from_conf(VAEConfig, model.get("vae"), "model.vae"))
+    diffusion = from_conf(DiffusionConfig, cfg.diffusion, "diffusion")
     module = LatentDiffusionModule(
         unet=unet,
         text_encoder=text_encoder,
-        vae=build_vae(from_conf(VAEConfig, model.get("vae"), "model.vae")),
+        vae=vae,
         tokenizer=tokenizer,
-        objective=DiffusionObjective(from_conf(DiffusionConfig, cfg.diffusion, "diffusion")),
+        objective=DiffusionObjective(diffusion),
         optim=from_conf(OptimConfig, cfg.optim, "optim"),
         normalizer=normalizer,
         latent_shape=latent_shape,
         seed=cfg.seed,
     )
+    module.spec = build_spec(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_cfg,
+        diffusion=diffusion,
+        normalizer=normalizer,
+        latent_shape=latent_shape,
+    )
     return module, datamodule
 
 
-def build_callbacks(cfg: DictConfig, run_dir: str) -> list[L.Callback]:
+def build_callbacks(cfg: DictConfig, data: LatentDataConfig, run_dir: str) -> list[L.Callback]:
     callbacks_cfg = to_plain(cfg.callbacks)
-    known = {"checkpoint", "ema", "samples", "sampling", "preemption", "peak_flops"}
+    known = {"checkpoint", "ema", "samples", "sampling", "validation", "preemption", "peak_flops"}
     extra = sorted(set(callbacks_cfg) - known)
     if extra:
         raise ConfigError(f"unknown key callbacks.{extra[0]} (known: {', '.join(sorted(known))})")
@@ -154,6 +183,12 @@ def build_callbacks(cfg: DictConfig, run_dir: str) -> list[L.Callback]:
     ema = from_conf(EMAConfig, callbacks_cfg.get("ema"), "callbacks.ema")
     if ema.enabled:
         callbacks.append(EMACallback(ema))
+    validation = from_conf(ValidationConfig, callbacks_cfg.get("validation"), "callbacks.validation")
+    if validation.every_n_steps > 0:
+        if data.val_shards is None:
+            raise ConfigError("callbacks.validation.every_n_steps > 0 needs data.val_shards (a held-out shard set)")
+        val_set = resolve_shards(data.val_shards)
+        callbacks.append(FixedTimestepValidation(validation, val_set, latent_key=data.latent_key))
     schedule = from_conf(SampleScheduleConfig, callbacks_cfg.get("samples"), "callbacks.samples")
     sampling = from_conf(SamplingConfig, callbacks_cfg.get("sampling"), "callbacks.sampling")
     if schedule.every_n_steps > 0 or schedule.at_end:
@@ -223,7 +258,7 @@ def run(cfg: DictConfig, run_dir: str) -> L.Trainer:
             **trainer_kwargs,
             strategy=build_strategy(to_plain(cfg.strategy)),
             logger=loggers or False,
-            callbacks=build_callbacks(cfg, run_dir),
+            callbacks=build_callbacks(cfg, data, run_dir),
             # Under SLURM our RequeueOnSignal does the requeue (into DIR/checkpoints), not Lightning's hpc_ckpt.
             plugins=[AtomicCheckpointIO()]
             + ([SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else []),

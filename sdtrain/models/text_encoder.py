@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import open_clip
 import torch
@@ -34,6 +35,17 @@ class TextEncoderConfig:
     def __post_init__(self) -> None:
         if self.layer not in ("penultimate", "last"):
             raise ValueError(f"layer must be penultimate or last, got {self.layer!r}")
+
+    def identity(self) -> dict[str, Any]:
+        """What makes two text encoders give the same hidden states: recorded with pre-encoded `text.npy` and
+        compared by the loader (weights by file name; custom towers by their dimensions)."""
+        return {
+            "name": self.arch or "custom",
+            "pretrained": os.path.basename(self.pretrained) if self.pretrained else None,
+            "layer": self.layer,
+            "dims": None if self.arch else {"width": self.width, "heads": self.heads, "layers": self.layers},
+            "context_length": self.context_length,
+        }
 
 
 def build_tokenizer(context_length: int = 77) -> open_clip.tokenizer.SimpleTokenizer:

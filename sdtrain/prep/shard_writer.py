@@ -11,7 +11,7 @@ import json
 import os
 import tarfile
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,6 +69,72 @@ class _ShardFile:
         return {"url": os.path.basename(self.path), "num_samples": self.count}
 
 
+class ShardSink:
+    """Appends samples to fixed-size shards out_dir/NAME.tar (names from `name_for(chunk index)`), each written
+    under a temporary name and renamed when full or closed. mtime is fixed so the same samples give the same bytes."""
+
+    def __init__(
+        self,
+        out_dir: str,
+        *,
+        samples_per_shard: int,
+        stores: str = "moments",
+        dtype: str = "float16",
+        name_for: Callable[[int], str] = lambda i: f"{i:06d}.tar",
+        mtime: int = 0,
+    ) -> None:
+        if stores not in ("moments", "latent"):
+            raise ValueError(f"stores must be moments or latent, got {stores!r}")
+        os.makedirs(out_dir, exist_ok=True)
+        self.out_dir, self.samples_per_shard, self.dtype = out_dir, samples_per_shard, dtype
+        self.extension, self.name_for, self.mtime = f"{stores}.npy", name_for, mtime
+        self.entries: list[dict[str, Any]] = []
+        self.latent_shape: list[int] | None = None
+        self._shard: _ShardFile | None = None
+
+    def add(self, sample: LatentSample, text: np.ndarray | None = None) -> None:
+        if self._shard is None or self._shard.count == self.samples_per_shard:
+            if self._shard is not None:
+                self.entries.append(self._shard.finish())
+            self._shard = _ShardFile(os.path.join(self.out_dir, self.name_for(len(self.entries))))
+        tar, mtime = self._shard.tar, self.mtime
+        self.latent_shape = self.latent_shape or list(sample.array.shape)
+        add_member(tar, f"{sample.key}.{self.extension}", npy_bytes(sample.array.astype(self.dtype)), mtime)
+        add_member(tar, f"{sample.key}.txt", sample.caption.encode("utf-8"), mtime)
+        if sample.meta:
+            add_member(tar, f"{sample.key}.json", json.dumps(sample.meta, sort_keys=True).encode("utf-8"), mtime)
+        if text is not None:
+            add_member(tar, f"{sample.key}.text.npy", npy_bytes(text), mtime)
+        self._shard.count += 1
+
+    def close(self) -> list[dict[str, Any]]:
+        if self._shard is not None:
+            self.entries.append(self._shard.finish())
+            self._shard = None
+        return self.entries
+
+
+def manifest(
+    entries: list[dict[str, Any]],
+    *,
+    latent_shape: list[int] | None,
+    stores: str = "moments",
+    vae: dict[str, Any] | None = None,
+    text_encoder: dict[str, Any] | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    return {
+        "format": MANIFEST_FORMAT,
+        "version": 1,
+        "vae": vae or {"name": "unknown", "scaling_factor": 0.18215, "latent_channels": None},
+        "latent_shape": latent_shape,
+        "stores": stores,
+        "text_encoder": text_encoder,
+        "shards": entries,
+        **extra,
+    }
+
+
 def write_shards(
     samples: Iterable[LatentSample],
     out_dir: str,
@@ -79,35 +145,9 @@ def write_shards(
     dtype: str = "float16",
 ) -> dict[str, Any]:
     """Write `samples` to out_dir/NNNNNN.tar and out_dir/manifest.json; returns the manifest."""
-    if stores not in ("moments", "latent"):
-        raise ValueError(f"stores must be moments or latent, got {stores!r}")
-    os.makedirs(out_dir, exist_ok=True)
-    extension = f"{stores}.npy"
-    entries: list[dict[str, Any]] = []
-    shard: _ShardFile | None = None
-    mtime = int(time.time())
-    latent_shape: list[int] | None = None
+    sink = ShardSink(out_dir, samples_per_shard=samples_per_shard, stores=stores, dtype=dtype, mtime=int(time.time()))
     for sample in samples:
-        if shard is None or shard.count == samples_per_shard:
-            if shard is not None:
-                entries.append(shard.finish())
-            shard = _ShardFile(os.path.join(out_dir, f"{len(entries):06d}.tar"))
-        latent_shape = latent_shape or list(sample.array.shape)
-        add_member(shard.tar, f"{sample.key}.{extension}", npy_bytes(sample.array.astype(dtype)), mtime)
-        add_member(shard.tar, f"{sample.key}.txt", sample.caption.encode("utf-8"), mtime)
-        if sample.meta:
-            add_member(shard.tar, f"{sample.key}.json", json.dumps(sample.meta).encode("utf-8"), mtime)
-        shard.count += 1
-    if shard is not None:
-        entries.append(shard.finish())
-    manifest = {
-        "format": MANIFEST_FORMAT,
-        "version": 1,
-        "vae": vae or {"name": "unknown", "scaling_factor": 0.18215, "latent_channels": None},
-        "latent_shape": latent_shape,
-        "stores": stores,
-        "text_encoder": None,
-        "shards": entries,
-    }
-    write_json_atomic(os.path.join(out_dir, MANIFEST_NAME), manifest)
-    return manifest
+        sink.add(sample)
+    result = manifest(sink.close(), latent_shape=sink.latent_shape, stores=stores, vae=vae)
+    write_json_atomic(os.path.join(out_dir, MANIFEST_NAME), result)
+    return result

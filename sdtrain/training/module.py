@@ -66,9 +66,21 @@ class LatentDiffusionModule(L.LightningModule):
         self._micro = (-1, 0)  # (global step, micro-batch index within it)
         self._pending_rng: dict[str, Any] | None = None
         self.run_metadata: dict[str, Any] = {}  # saved with checkpoints (e.g. the W&B run id)
+        self.spec: dict[str, Any] = {}  # how to rebuild the model from the checkpoint alone (training/spec.py)
 
-    def forward(self, noisy: torch.Tensor, timesteps: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        return self.unet(noisy, timesteps, encoder_hidden_states=self.text_encoder(tokens)).sample
+    def forward(self, noisy: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        return self.unet(noisy, timesteps, encoder_hidden_states=context).sample
+
+    def text_context(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Hidden states for the batch's captions: encoded now from tokens, or pre-encoded (`text.npy`), where
+        captions dropped for CFG training get the empty prompt's states."""
+        if "context" not in batch:
+            return self.text_encoder(batch["tokens"])
+        context = batch["context"]
+        if bool(batch["dropped"].any()):
+            empty = self.text_encoder(self.tokenizer([""]).to(context.device)).to(context.dtype)
+            context = torch.where(batch["dropped"].to(context.device)[:, None, None], empty, context)
+        return context
 
     def noise_generator(self, device: torch.device) -> torch.Generator:
         step, micro = self._micro
@@ -81,7 +93,7 @@ class LatentDiffusionModule(L.LightningModule):
         noise = self.objective.sample_noise(latents, generator)
         timesteps = self.objective.sample_timesteps(latents.shape[0], latents.device, generator)
         noisy, target = self.objective.noisy_and_target(latents, noise, timesteps)
-        loss = self.objective.loss(self(noisy, timesteps, batch["tokens"]), target, timesteps)
+        loss = self.objective.loss(self(noisy, timesteps, self.text_context(batch)), target, timesteps)
         self.skipped.update(batch.get("skipped") or {})
         if self.skipped:
             self.log("data/skipped", float(sum(self.skipped.values())))
@@ -128,6 +140,7 @@ class LatentDiffusionModule(L.LightningModule):
             "skipped": dict(self.skipped),
             "nonfinite_skips": self.nonfinite_skips,
             "rng": states,
+            "spec": self.spec,
             **self.run_metadata,
         }
 

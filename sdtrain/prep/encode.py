@@ -1,0 +1,266 @@
+"""Encode raw image-text parts into latent shards: decode -> filter -> crop -> VAE moments (+ text embeddings).
+
+Resumable and parallel by construction:
+- the work is a fixed list of input parts (sources.plan_parts); rank r of W takes parts r, r+W, ...; a pool of
+  worker processes encodes a rank's parts;
+- part P writes OUT/PPPPPP_CCC.tar (each via a temp name + rename) and, last, OUT/parts/PPPPPP.json listing its
+  shards and counts. A part with that file is done and skipped on a re-run; any other output of a part is
+  removed and the part encoded again. A part's output depends only on its input and the config (fixed tar
+  mtimes, crops seeded by key), so a killed and re-run job writes the same bytes as an uninterrupted one;
+- `merge` writes OUT/manifest.json from the part files once every part is done (any rank may call it).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+import random
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from sdtrain.data.samples import SampleError
+from sdtrain.data.shards import MANIFEST_NAME
+from sdtrain.errors import ConfigError, DataError
+from sdtrain.prep.filters import FilterConfig, rejection
+from sdtrain.prep.images import decode_image, nearest_bucket, resize_and_crop
+from sdtrain.prep.shard_writer import LatentSample, ShardSink, manifest, write_json_atomic
+from sdtrain.prep.sources import InputPart, RawSample, iter_part, plan_parts
+
+log = logging.getLogger(__name__)
+PARTS_DIR = "parts"
+
+
+@dataclass(kw_only=True, slots=True)
+class EncodeConfig:
+    inputs: list[str]
+    out: str
+    vae: str
+    """Local diffusers AutoencoderKL folder (SD's VAE, or one trained by sdtrain-demo)."""
+    resolution: int = 512
+    buckets: list[list[int]] | None = None
+    """[[w, h], ...] aspect buckets (SDXL style); each image goes to the closest ratio. None = square crops."""
+    random_crop: bool = False
+    """Random instead of centre crop (seeded by the sample key, so re-runs crop the same)."""
+    batch_size: int = 16
+    samples_per_shard: int = 1000
+    files_per_part: int = 1000
+    dtype: str = "float16"
+    workers: int = 1
+    """Encoding processes on this rank; 0 = in this process."""
+    rank: int = 0
+    world_size: int = 1
+    seed: int = 0
+    device: str = "cpu"
+    text_encoder: dict[str, Any] | None = None
+    """A TextEncoderConfig (arch, pretrained, layer, ...) to also store `text.npy` hidden states; None = no."""
+    filters: FilterConfig = field(default_factory=FilterConfig)
+    min_image_size: int = 8
+    """Images with a side below this are skipped as `too_small` (never upscaled from nothing)."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank must be in [0, world_size), got rank {self.rank} of {self.world_size}")
+        if self.dtype not in ("float16", "float32"):
+            raise ValueError(f"dtype must be float16 or float32, got {self.dtype!r}")
+        for bucket in self.buckets or []:
+            if len(bucket) != 2 or bucket[0] % 8 or bucket[1] % 8:
+                raise ValueError(f"buckets are [w, h] multiples of 8, got {bucket}")
+
+
+def part_record_path(out: str, index: int) -> str:
+    return os.path.join(out, PARTS_DIR, f"{index:06d}.json")
+
+
+def part_done(out: str, index: int) -> bool:
+    path = part_record_path(out, index)
+    if not os.path.isfile(path):
+        return False
+    with open(path, encoding="utf-8") as f:
+        record = json.load(f)
+    return all(os.path.isfile(os.path.join(out, s["url"])) for s in record["shards"])
+
+
+def remove_part_outputs(out: str, index: int) -> None:
+    for path in glob.glob(os.path.join(out, f"{index:06d}_*.tar*")):
+        os.remove(path)
+
+
+class Encoder:
+    """The models of one worker: VAE (+ optional text encoder)."""
+
+    def __init__(self, cfg: EncodeConfig) -> None:
+        from diffusers import AutoencoderKL
+
+        if not os.path.isfile(os.path.join(cfg.vae, "config.json")):
+            raise ConfigError(f"--vae {cfg.vae} is not a diffusers AutoencoderKL folder (no config.json)")
+        self.cfg = cfg
+        self.vae = AutoencoderKL.from_pretrained(cfg.vae, local_files_only=True, low_cpu_mem_usage=False)
+        self.vae.requires_grad_(False).eval().to(cfg.device)
+        self.text = None
+        if cfg.text_encoder is not None:
+            from sdtrain.models.text_encoder import TextEncoderConfig, build_text_encoder, build_tokenizer
+
+            text_cfg = TextEncoderConfig(**cfg.text_encoder)
+            self.text = build_text_encoder(text_cfg).to(cfg.device)
+            self.tokenizer = build_tokenizer(text_cfg.context_length)
+
+    @torch.no_grad()
+    def moments(self, pixels: list[np.ndarray]) -> np.ndarray:
+        x = torch.from_numpy(np.stack(pixels)).to(self.cfg.device)
+        return self.vae.encode(x).latent_dist.parameters.float().cpu().numpy()
+
+    @torch.no_grad()
+    def text_states(self, captions: list[str]) -> list[np.ndarray | None]:
+        if self.text is None:
+            return [None] * len(captions)
+        states = self.text(self.tokenizer(captions).to(self.cfg.device)).to(torch.float16).cpu().numpy()
+        return list(states)
+
+
+def prepare_sample(raw: RawSample, cfg: EncodeConfig) -> tuple[np.ndarray, str, dict[str, Any], tuple[int, int]]:
+    """A raw sample -> (pixels, caption, json meta, bucket); SampleError for bad data, ('filtered', name) too."""
+    if raw.image is None:
+        raise SampleError("missing_image", "no image file")
+    if raw.caption is None:
+        raise SampleError("missing_caption", "no caption")
+    try:
+        caption = raw.caption.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise SampleError("bad_caption", "caption is not valid UTF-8") from None
+    image = decode_image(raw.image)
+    if min(image.size) < cfg.min_image_size:
+        raise SampleError("too_small", f"{image.size[0]}x{image.size[1]} px")
+    dropped = rejection(cfg.filters, raw.meta, caption, image.size)
+    if dropped:
+        raise SampleError(f"filtered:{dropped}", "")
+    buckets = [tuple(b) for b in cfg.buckets] if cfg.buckets else [(cfg.resolution, cfg.resolution)]
+    bucket = nearest_bucket(image.width, image.height, buckets) if len(buckets) > 1 else buckets[0]
+    rng = random.Random(f"{cfg.seed}:{raw.key}")
+    pixels, crop = resize_and_crop(image, bucket, random_crop=cfg.random_crop, rng=rng)
+    laion = {k: raw.meta[k] for k in ("url", "aesthetic", "punsafe", "similarity", "pwatermark") if k in raw.meta}
+    meta = {**crop.meta(), **laion, **({"bucket": list(bucket)} if cfg.buckets else {})}
+    return pixels, caption, meta, bucket
+
+
+def encode_part(part: InputPart, cfg: EncodeConfig, encoder: Encoder) -> dict[str, Any]:
+    """Encode one part into its shards, then write its record; returns the record."""
+    remove_part_outputs(cfg.out, part.index)
+    sink = ShardSink(
+        cfg.out,
+        samples_per_shard=cfg.samples_per_shard,
+        dtype=cfg.dtype,
+        name_for=lambda chunk: f"{part.index:06d}_{chunk:03d}.tar",
+    )
+    skipped: Counter[str] = Counter()
+    filtered: Counter[str] = Counter()
+    pending: dict[tuple[int, int], list[tuple[str, np.ndarray, str, dict[str, Any]]]] = defaultdict(list)
+    shapes: Counter[str] = Counter()
+
+    def flush(bucket: tuple[int, int]) -> None:
+        batch, pending[bucket] = pending[bucket], []
+        if not batch:
+            return
+        moments = encoder.moments([b[1] for b in batch])
+        texts = encoder.text_states([b[2] for b in batch])
+        for (key, _, caption, meta), m, text in zip(batch, moments, texts, strict=True):
+            sink.add(LatentSample(key, m, caption, meta), text)
+            shapes["x".join(map(str, m.shape))] += 1
+
+    for raw in iter_part(part, lambda reason: skipped.update([reason.split(":")[0]])):
+        try:
+            pixels, caption, meta, bucket = prepare_sample(raw, cfg)
+        except SampleError as exc:
+            if exc.reason.startswith("filtered:"):
+                filtered[exc.reason.split(":", 1)[1]] += 1
+            else:
+                skipped[exc.reason] += 1
+            continue
+        pending[bucket].append((raw.key, pixels, caption, meta))
+        if len(pending[bucket]) == cfg.batch_size:
+            flush(bucket)
+    for bucket in sorted(pending):
+        flush(bucket)
+    entries = sink.close()
+    record = {
+        "part": part.index,
+        "input": {"kind": part.kind, "location": part.location, "start": part.start, "stop": part.stop},
+        "shards": entries,
+        "kept": sum(e["num_samples"] for e in entries),
+        "filtered": dict(filtered),
+        "skipped": dict(skipped),
+        "latent_shapes": dict(shapes),
+    }
+    os.makedirs(os.path.join(cfg.out, PARTS_DIR), exist_ok=True)
+    write_json_atomic(part_record_path(cfg.out, part.index), record)
+    return record
+
+
+def text_encoder_identity(text_encoder: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What the manifest records about `text.npy` (the loader compares it with the run's text encoder)."""
+    if text_encoder is None:
+        return None
+    from sdtrain.models.text_encoder import TextEncoderConfig
+
+    return {**TextEncoderConfig(**text_encoder).identity(), "dtype": "float16"}
+
+
+def merge(cfg: EncodeConfig, parts: list[InputPart]) -> dict[str, Any] | None:
+    """Write OUT/manifest.json from every part record; None (and a log line) while parts are missing."""
+    missing = [p.index for p in parts if not part_done(cfg.out, p.index)]
+    if missing:
+        log.info("merge: %d of %d parts not done yet (first: %d)", len(missing), len(parts), missing[0])
+        return None
+    records = []
+    for part in parts:
+        with open(part_record_path(cfg.out, part.index), encoding="utf-8") as f:
+            records.append(json.load(f))
+    entries = [s for r in records for s in r["shards"]]
+    if not entries:
+        raise DataError("no sample survived decoding and filters; nothing to write")
+    shapes = Counter()
+    report: dict[str, Counter[str]] = {"filtered": Counter(), "skipped": Counter()}
+    for r in records:
+        shapes.update(r["latent_shapes"])
+        report["filtered"].update(r["filtered"])
+        report["skipped"].update(r["skipped"])
+    first_shape = [int(x) for x in shapes.most_common(1)[0][0].split("x")]
+    from diffusers import AutoencoderKL
+
+    vae_config = AutoencoderKL.load_config(cfg.vae)
+    result = manifest(
+        entries,
+        latent_shape=first_shape,
+        vae={
+            "name": os.path.basename(os.path.normpath(cfg.vae)),
+            "scaling_factor": vae_config.get("scaling_factor", 0.18215),
+            "shift_factor": vae_config.get("shift_factor"),
+            "latent_channels": vae_config.get("latent_channels"),
+        },
+        text_encoder=text_encoder_identity(cfg.text_encoder),
+        encode={
+            "resolution": cfg.resolution,
+            "buckets": cfg.buckets,
+            "random_crop": cfg.random_crop,
+            "dtype": cfg.dtype,
+            "filters": asdict(cfg.filters),
+            "kept": len(entries) and sum(e["num_samples"] for e in entries),
+            "filtered": dict(report["filtered"]),
+            "skipped": dict(report["skipped"]),
+            "latent_shapes": dict(shapes),
+        },
+    )
+    write_json_atomic(os.path.join(cfg.out, MANIFEST_NAME), result)
+    return result
+
+
+def my_parts(cfg: EncodeConfig) -> tuple[list[InputPart], list[InputPart]]:
+    """(all parts, this rank's parts not done yet)."""
+    parts = plan_parts(cfg.inputs, cfg.files_per_part)
+    todo = [p for p in parts[cfg.rank :: cfg.world_size] if not part_done(cfg.out, p.index)]
+    return parts, todo
