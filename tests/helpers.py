@@ -52,16 +52,22 @@ def write_raw_tar(path: Path, samples) -> Path:
     return path
 
 
+def emoji_subset(count: int):
+    """`count` twemoji pairs spread over the whole set (every k-th)."""
+    from sdtrain.prep.emoji_images import emoji_pairs
+
+    every = emoji_pairs()
+    return every[:: max(1, len(every) // count)][:count]
+
+
 def emoji_raw_tars(out_dir: Path, count: int = 96, per_tar: int = 32, size: int = 40) -> list[Path]:
     """Real twemoji images + names as img2dataset tars (PNG, `size` px, LAION-like json)."""
     import io
 
     from PIL import Image
 
-    from sdtrain.prep.emoji_images import emoji_pairs
-
     out_dir.mkdir(parents=True, exist_ok=True)
-    pairs = emoji_pairs()[::7][:count]
+    pairs = emoji_subset(count)
     tars = []
     for t in range(0, len(pairs), per_tar):
         samples = []

@@ -7,11 +7,10 @@ import logging
 from collections import Counter
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
 from sdtrain.data.loader import LatentNormalizer, Tokenizer
-from sdtrain.data.samples import LatentField, SampleError, decode_caption, decode_latent
+from sdtrain.data.samples import LatentField, SampleError, decode_caption, decode_latent, seeded_generator
 from sdtrain.data.shards import ShardSet, iter_raw_samples
 from sdtrain.errors import DataError
 
@@ -41,16 +40,16 @@ def load_holdout(
     seed: int = 0,
 ) -> HoldoutSet:
     """The first `max_samples` good samples of `shard_set` in shard order; bad ones are skipped and counted."""
-    latents: list[np.ndarray] = []
+    latents: list[torch.Tensor] = []
     captions: list[str] = []
     skipped: Counter[str] = Counter()
     for shard in shard_set.shards:
         for raw in iter_raw_samples(shard.url, lambda reason: skipped.update(["shard_error"])):
             if len(latents) >= max_samples:
                 break
-            rng = np.random.default_rng([seed, len(latents)])
+            generator = seeded_generator(seed, len(latents))
             try:
-                latent = decode_latent(raw, LatentField.detect(raw, latent_key), latent_channels, rng)
+                latent = decode_latent(raw, LatentField.detect(raw, latent_key), latent_channels, generator)
                 captions.append(decode_caption(raw))
             except SampleError as exc:
                 skipped[exc.reason] += 1
@@ -60,4 +59,4 @@ def load_holdout(
         raise DataError(f"validation set has no usable sample (skipped: {dict(skipped) or 'none read'})")
     if skipped:
         log.warning("validation set: skipped %s", dict(skipped))
-    return HoldoutSet(latents=torch.from_numpy(np.stack(latents)), tokens=tokenizer(captions), skipped=skipped)
+    return HoldoutSet(latents=torch.stack(latents), tokens=tokenizer(captions), skipped=skipped)

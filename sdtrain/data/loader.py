@@ -2,7 +2,7 @@
 
 Batches are built inside the workers (decode, posterior sample, scaling, caption dropout, tokenisation) so the
 main process only moves tensors. The stream is infinite over epochs; training length is `trainer.max_steps`.
-Everything random is seeded by (seed, epoch, slot, sample index), so a resumed run can replay its position.
+Everything random is seeded by (seed, epoch, slot, batch index), so a resumed run can replay its position.
 """
 
 from __future__ import annotations
@@ -13,14 +13,23 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from itertools import count, islice
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from sdtrain.data.plan import EpochPlan, SlotPlan, consumed_per_worker, plan_epoch
-from sdtrain.data.samples import LatentField, SampleError, decode_caption, decode_latent, decode_text
+from sdtrain.data.samples import (
+    LatentField,
+    SampleError,
+    checked_latent,
+    decode_caption,
+    decode_latent,
+    decode_text,
+    posterior_sample,
+    seeded_generator,
+)
 from sdtrain.data.shards import ShardSet, iter_raw_samples
 from sdtrain.errors import DataError
 
@@ -63,6 +72,15 @@ class LatentDataConfig:
             raise ValueError("batch_size must be >= 1 and num_workers >= 0")
 
 
+class Pending(NamedTuple):
+    """A checked sample waiting in its bucket for a full batch."""
+
+    latent: np.ndarray
+    caption: str
+    key: str
+    text: np.ndarray | None
+
+
 @dataclass(slots=True)
 class LatentNormalizer:
     """Training latents are (z - shift) * scale; sampling inverts it before the VAE decodes."""
@@ -81,7 +99,7 @@ class LatentNormalizer:
         shift = np.asarray(self.shift, dtype=np.float32).reshape(-1, 1, 1)
         return torch.from_numpy(shift).to(like.device, like.dtype) if isinstance(like, torch.Tensor) else shift
 
-    def normalize(self, z: np.ndarray) -> np.ndarray:
+    def normalize(self, z: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
         return (z - self._shift(z)) * self.scale
 
     def denormalize(self, x: torch.Tensor) -> torch.Tensor:
@@ -150,33 +168,31 @@ class LatentStream(IterableDataset):
         samples = self._shuffled(plan.slots[slot], epoch, slot)
         # Samples are grouped by latent shape (aspect buckets): a batch holds one shape. With one shape this is
         # plain consecutive batching. The first `skip_batches` batches are replayed (read, checked, grouped, not
-        # tokenised or collated), so the shuffle buffer, skips and per-sample seeds line up with the first run.
-        groups: dict[tuple[int, ...], list[tuple[np.ndarray, str, str, np.ndarray | None]]] = defaultdict(list)
-        emitted, index, reads = 0, 0, 0
+        # sampled, tokenised or collated), so the shuffle buffer and skips line up with the first run; the
+        # posterior draw and caption dropout of batch k come from a generator seeded by (seed, epoch, slot, k).
+        groups: dict[tuple[Any, ...], list[Pending]] = defaultdict(list)
+        emitted, reads = 0, 0
         self.total_bad = 0
         while emitted < plan.batches_per_slot:
             raw = next(samples)
             reads += 1
-            rng = np.random.default_rng([self.seed, epoch, slot, index])
-            replaying = emitted < skip_batches
             try:
-                latent = decode_latent(raw, self._field(raw), self.latent_channels, rng)
+                field = self._field(raw)
+                latent = checked_latent(raw, field, self.latent_channels)
                 caption = decode_caption(raw)
                 text = decode_text(raw) if self.cfg.text_embeddings else None
             except SampleError as exc:
-                if not replaying:  # replayed skips were counted and logged by the first run
+                if emitted >= skip_batches:  # replayed skips were counted and logged by the first run
                     self.skipped[exc.reason] += 1
                     self._check_skip_rate(reads, raw, exc)
                 continue
-            drop = rng.random() < self.cfg.caption_dropout
-            index += 1
-            group = groups[latent.shape]
-            group.append((latent, "" if drop else caption, raw["__key__"], None if text is None else text))
+            group = groups[(field.kind, latent.shape)]
+            group.append(Pending(latent, caption, raw["__key__"], text))
             if len(group) == self.cfg.batch_size:
-                groups[latent.shape] = []
+                groups[(field.kind, latent.shape)] = []
                 emitted += 1
                 if emitted > skip_batches:
-                    yield self._collate(group)
+                    yield self._collate(group, field.kind, seeded_generator(self.seed, epoch, slot, emitted))
 
     def _field(self, raw: dict[str, Any]) -> LatentField:
         return LatentField.detect(raw, self.cfg.latent_key)
@@ -187,15 +203,17 @@ class LatentStream(IterableDataset):
         if reads >= 100 and self.total_bad > self.cfg.max_skip_fraction * reads:
             raise DataError(f"{self.total_bad} of {reads} samples read were bad (last: {exc}); check the shards")
 
-    def _collate(self, batch: list[tuple[np.ndarray, str, str, np.ndarray | None]]) -> dict[str, Any]:
-        latents = torch.from_numpy(np.stack([self.normalizer.normalize(b[0]) for b in batch]))
+    def _collate(self, batch: list[Pending], kind: str, generator: torch.Generator) -> dict[str, Any]:
+        latents = posterior_sample(np.stack([p.latent for p in batch]), kind, generator)  # one vectorised draw
+        latents = self.normalizer.normalize(latents)
+        dropped = (torch.rand(len(batch), generator=generator) < self.cfg.caption_dropout).numpy()
         skipped, self.skipped = dict(self.skipped), Counter()
-        out = {"latents": latents, "keys": [b[2] for b in batch], "skipped": skipped}
+        out = {"latents": latents, "keys": [p.key for p in batch], "skipped": skipped}
         if self.cfg.text_embeddings:  # hidden states instead of tokens; dropped captions get the empty prompt's
-            out["context"] = torch.from_numpy(np.stack([b[3] for b in batch]).astype(np.float32))
-            out["dropped"] = torch.tensor([b[1] == "" for b in batch])
+            out["context"] = torch.from_numpy(np.stack([p.text for p in batch]).astype(np.float32))
+            out["dropped"] = torch.from_numpy(dropped)
         else:
-            out["tokens"] = self.tokenizer([b[1] for b in batch])
+            out["tokens"] = self.tokenizer(["" if d else p.caption for p, d in zip(batch, dropped, strict=True)])
         return out
 
     def _one_pass(self, slot_plan: SlotPlan) -> Iterator[dict[str, Any]]:
@@ -271,7 +289,7 @@ def probe_dataset(shard_set: ShardSet, cfg: LatentDataConfig, latent_channels: i
     try:
         field = LatentField.detect(raw, cfg.latent_key)
         decode_caption(raw)
-        latent = decode_latent(raw, field, latent_channels, np.random.default_rng(0))
+        latent = decode_latent(raw, field, latent_channels, torch.Generator().manual_seed(0))
     except SampleError as exc:
         if exc.reason == "wrong_channels":
             raise DataError(f"{where}: {exc} (model.unet.in_channels); wrong dataset or model size?") from None

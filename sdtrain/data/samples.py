@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 
 # Extensions that may hold latents, and what they hold. `npy` is the MLPerf SD v2 reference's name for moments.
 LATENT_EXTENSIONS = {"moments.npy": "moments", "latent.npy": "latent", "npy": "moments"}
@@ -87,16 +88,24 @@ def latent_channels(array: np.ndarray, kind: str) -> int:
     return array.shape[0] // 2 if kind == "moments" else array.shape[0]
 
 
-def posterior_sample(array: np.ndarray, kind: str, rng: np.random.Generator) -> np.ndarray:
-    """One draw z ~ N(mean, exp(logvar)) for moments; the latent itself otherwise. float32, unscaled."""
-    array = array.astype(np.float32, copy=False)
+def seeded_generator(*words: int) -> torch.Generator:
+    """A CPU generator seeded by a tuple of ints (hashed, so nearby tuples give unrelated streams)."""
+    seed = int(np.random.SeedSequence(list(words)).generate_state(1, dtype=np.uint64)[0] >> 1)
+    return torch.Generator().manual_seed(seed)
+
+
+def posterior_sample(array: np.ndarray, kind: str, generator: torch.Generator) -> torch.Tensor:
+    """z ~ N(mean, exp(logvar)) for moments (channel axis -3), the latent itself otherwise: float32, unscaled.
+    One sample (2C, h, w) or a whole batch (B, 2C, h, w) at once (torch's sampler is ~3x numpy's)."""
+    latent = torch.from_numpy(np.ascontiguousarray(array)).float()
     if kind == "latent":
-        return array
-    if array.shape[0] % 2:
-        raise SampleError("bad_shape", f"moments need an even channel count (mean ++ logvar), got {array.shape[0]}")
-    mean, logvar = np.split(array, 2, axis=0)
-    std = np.exp(0.5 * np.clip(logvar, *LOGVAR_RANGE))
-    return mean + std * rng.standard_normal(mean.shape, dtype=np.float32)
+        return latent
+    channels = latent.shape[-3]
+    if channels % 2:
+        raise SampleError("bad_shape", f"moments need an even channel count (mean ++ logvar), got {channels}")
+    mean, logvar = latent[..., : channels // 2, :, :], latent[..., channels // 2 :, :, :]
+    std = torch.exp(0.5 * logvar.clamp(*LOGVAR_RANGE))
+    return mean + std * torch.randn(mean.shape, generator=generator)
 
 
 def decode_caption(sample: dict[str, Any]) -> str:
@@ -108,19 +117,26 @@ def decode_caption(sample: dict[str, Any]) -> str:
         raise SampleError("bad_caption", "caption is not valid UTF-8") from None
 
 
-def decode_latent(
-    sample: dict[str, Any], field: LatentField, expect_channels: int, rng: np.random.Generator
-) -> np.ndarray:
-    """The unscaled posterior sample of a raw sample, checked for shape and finiteness."""
+def checked_latent(sample: dict[str, Any], field: LatentField, expect_channels: int) -> np.ndarray:
+    """The sample's moments or latent as stored, checked for shape, channel count and finiteness."""
     if field.extension not in sample:
         raise SampleError("missing_latent", f"sample has no {field.extension!r}")
     array = load_array(sample[field.extension])
+    if field.kind == "moments" and array.shape[0] % 2:
+        raise SampleError("bad_shape", f"moments need an even channel count (mean ++ logvar), got {array.shape[0]}")
     channels = latent_channels(array, field.kind)
     if channels != expect_channels:
         raise SampleError("wrong_channels", f"{channels} latent channels, model expects {expect_channels}")
     if not np.isfinite(array).all():
         raise SampleError("non_finite", "latents contain NaN or Inf")
-    return posterior_sample(array, field.kind, rng)
+    return array
+
+
+def decode_latent(
+    sample: dict[str, Any], field: LatentField, expect_channels: int, generator: torch.Generator
+) -> torch.Tensor:
+    """The unscaled posterior sample of a raw sample, checked for shape and finiteness."""
+    return posterior_sample(checked_latent(sample, field, expect_channels), field.kind, generator)
 
 
 def decode_text(sample: dict[str, Any]) -> np.ndarray:

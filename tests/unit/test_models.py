@@ -1,3 +1,4 @@
+import open_clip
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
@@ -39,3 +40,23 @@ def test_size_presets_are_the_real_sd_unets(preset, millions):
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(config)
     assert sum(p.numel() for p in unet.parameters()) / 1e6 == pytest.approx(millions, abs=0.5)
+
+
+def test_fast_caption_cleaning_tokenises_exactly_like_open_clip():
+    from sdtrain.prep.emoji_images import emoji_pairs
+
+    reference = open_clip.tokenizer.SimpleTokenizer()
+    captions = [p.caption for p in emoji_pairs()] + [
+        "A  Photo of\ta CAT",
+        "fish &amp; chips",
+        "caf\u00e9 au lait",
+        "\u201cquoted\u201d",
+        "line\r\nbreak",
+        "ctrl\x07char",
+        "  spaced  ",
+        "",
+        "ALL CAPS 123 !?",
+        "m\u00f6tley cr\u00fce",
+        "\u00c3\u00a9 mojibake",
+    ]
+    assert torch.equal(build_tokenizer()(captions), reference(captions))

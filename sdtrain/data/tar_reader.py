@@ -1,0 +1,106 @@
+"""A lean reader for uncompressed (USTAR/GNU/PAX) tar shards: the loader's hot path.
+
+Python's tarfile parses every header field through several layers of method calls (~40 us a member); reading
+512-byte headers directly is ~5x cheaper, which matters when a training step needs thousands of samples per
+second per process. Samples are grouped like webdataset's `group_by_keys` (key = path up to the first dot of
+the file name, lower-cased extensions, `__meta__` files skipped). Any damage raises TarDamage; the caller keeps
+the samples read so far. Compressed shards go through webdataset's general path instead.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from typing import Any, BinaryIO
+
+BLOCK = 512
+ZERO_BLOCK = bytes(BLOCK)
+REGULAR = (b"0", b"\0", b"7")
+META = re.compile(r"__[^/]*__($|/)")
+KEY_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
+
+
+class TarDamage(Exception):
+    """A truncated or corrupt tar."""
+
+
+def _number(field: bytes) -> int:
+    if field[:1] and field[0] & 0x80:  # GNU base-256 for large sizes
+        return int.from_bytes(field[1:], "big")
+    text = field.split(b"\0", 1)[0].strip()
+    try:
+        return int(text or b"0", 8)
+    except ValueError:
+        raise TarDamage(f"bad number field {field!r}") from None
+
+
+def _pax_path(data: bytes) -> bytes | None:
+    path = None
+    while data:
+        length_text, _, rest = data.partition(b" ")
+        try:
+            length = int(length_text)
+        except ValueError:
+            raise TarDamage("bad pax header") from None
+        record, data = rest[: length - len(length_text) - 1], data[length:]
+        key, _, value = record.partition(b"=")
+        if key == b"path":
+            path = value.rstrip(b"\n")
+    return path
+
+
+def iter_members(stream: BinaryIO) -> Iterator[tuple[str, bytes]]:
+    """(name, data) of the regular files in an uncompressed tar stream, in order."""
+    read = stream.read
+    long_name: bytes | None = None
+    while True:
+        header = read(BLOCK)
+        if not header or header == ZERO_BLOCK:
+            return
+        if len(header) < BLOCK:
+            raise TarDamage("truncated header")
+        if _number(header[148:156]) != sum(header) - sum(header[148:156]) + 256:
+            raise TarDamage("header checksum mismatch")
+        size = _number(header[124:136])
+        padded = (size + BLOCK - 1) // BLOCK * BLOCK
+        payload = read(padded)
+        if len(payload) < padded:
+            raise TarDamage("truncated member")
+        kind = header[156:157]
+        if kind == b"L":  # GNU long name for the next member
+            long_name = payload[:size].rstrip(b"\0")
+            continue
+        if kind == b"x":  # PAX extended header for the next member
+            long_name = _pax_path(payload[:size]) or long_name
+            continue
+        name = long_name
+        long_name = None
+        if kind not in REGULAR:
+            continue
+        if name is None:
+            name = header[:100].split(b"\0", 1)[0]
+            if header[257:263] == b"ustar\0":  # POSIX: a prefix field may hold the leading directories
+                prefix = header[345:500].split(b"\0", 1)[0]
+                name = prefix + b"/" + name if prefix else name
+        yield name.decode("utf-8", "surrogateescape"), payload[:size]
+
+
+def iter_samples(stream: BinaryIO, url: str) -> Iterator[dict[str, Any]]:
+    """Samples as dicts {"__key__", "__url__", ext: bytes}, consecutive members with one key grouped."""
+    current: dict[str, Any] | None = None
+    for name, data in iter_members(stream):
+        if META.match(name) or ("/" not in name and name.startswith("__") and name.endswith("__")):
+            continue
+        match = KEY_EXT.match(name)
+        if match is None:
+            continue
+        key, ext = match.group(1), match.group(2).lower()
+        if current is None or key != current["__key__"]:
+            if current is not None:
+                yield current
+            current = {"__key__": key, "__url__": url}
+        if ext in current:
+            raise TarDamage(f"duplicate file {name} in one sample")
+        current[ext] = data
+    if current is not None:
+        yield current
