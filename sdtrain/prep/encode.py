@@ -223,7 +223,7 @@ def merge(cfg: EncodeConfig, parts: list[InputPart]) -> dict[str, Any] | None:
     entries = [s for r in records for s in r["shards"]]
     if not entries:
         raise DataError("no sample survived decoding and filters; nothing to write")
-    shapes = Counter()
+    shapes: Counter[str] = Counter()
     report: dict[str, Counter[str]] = {"filtered": Counter(), "skipped": Counter()}
     for r in records:
         shapes.update(r["latent_shapes"])
@@ -249,7 +249,7 @@ def merge(cfg: EncodeConfig, parts: list[InputPart]) -> dict[str, Any] | None:
             "random_crop": cfg.random_crop,
             "dtype": cfg.dtype,
             "filters": asdict(cfg.filters),
-            "kept": len(entries) and sum(e["num_samples"] for e in entries),
+            "kept": sum(e["num_samples"] for e in entries),
             "filtered": dict(report["filtered"]),
             "skipped": dict(report["skipped"]),
             "latent_shapes": dict(shapes),

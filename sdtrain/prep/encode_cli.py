@@ -143,7 +143,21 @@ def _run_part(args: tuple[InputPart, EncodeConfig]) -> dict[str, Any]:
     return encode_part(part, cfg, _worker)
 
 
+def check_models(cfg: EncodeConfig) -> None:
+    """Fail here, in one line, before worker processes start (a pool whose initializer fails respawns forever)."""
+    if not os.path.isfile(os.path.join(cfg.vae, "config.json")):
+        raise ConfigError(f"--vae {cfg.vae} is not a diffusers AutoencoderKL folder (no config.json)")
+    if cfg.text_encoder is not None:
+        from sdtrain.models.text_encoder import TextEncoderConfig
+
+        try:
+            TextEncoderConfig(**cfg.text_encoder)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"--text-encoder: {exc}") from None
+
+
 def encode(cfg: EncodeConfig) -> dict[str, Any] | None:
+    check_models(cfg)
     parts, todo = my_parts(cfg)
     mine = len(parts[cfg.rank :: cfg.world_size])
     log.info("rank %d/%d: %d parts of %d, %d left to encode", cfg.rank, cfg.world_size, mine, len(parts), len(todo))

@@ -53,6 +53,8 @@ def plan_parts(inputs: list[str], files_per_part: int = 1000) -> list[InputPart]
         if not matches:
             raise DataError(f"input matches nothing: {spec}")
         for path in matches:
+            if not os.path.exists(path):
+                raise DataError(f"input not found: {path}")
             if os.path.isdir(path):
                 count = len(_folder_images(path))
                 kind = "folder"
@@ -62,8 +64,6 @@ def plan_parts(inputs: list[str], files_per_part: int = 1000) -> list[InputPart]
             elif path.endswith(TABLE_EXTENSIONS):
                 count = len(_table_rows(path))
                 kind = "table"
-            elif not os.path.exists(path):
-                raise DataError(f"input not found: {path}")
             else:
                 raise DataError(f"input {path}: expected a .tar, a folder, or a {'/'.join(TABLE_EXTENSIONS)} table")
             for start in range(0, count, files_per_part):

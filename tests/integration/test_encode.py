@@ -246,3 +246,21 @@ def test_mlperf_sd2_shards_are_read_unchanged(tmp_path, capsys):
     assert batch["latents"].shape == (4, 4, 64, 64)
     assert doctor_main([pattern, "--latent-key", "npy"]) == 0
     assert "8x64x64" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--vae", "/nonexistent"], "--vae /nonexistent is not a diffusers AutoencoderKL folder"),
+        (["--text-encoder", '{"colour": 1}'], "--text-encoder: "),
+        (["--text-encoder", "{not json"], "--text-encoder is not JSON"),
+        (["--buckets", "512by512"], "--buckets wants WxH"),
+    ],
+)
+def test_encode_bad_arguments_are_one_line_before_any_worker_starts(tmp_path, raw_tars, vae_dir, capsys, args, message):
+    base = [str(raw_tars[0]), "--out", str(tmp_path / "o"), "--vae", vae_dir, "--workers", "2"]
+    assert encode_main(base + args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1, err
+    missing = encode_main([str(tmp_path / "missing.tar"), "--out", str(tmp_path / "o"), "--vae", vae_dir])
+    assert missing == 2 and "input not found" in capsys.readouterr().err
