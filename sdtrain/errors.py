@@ -24,6 +24,13 @@ class CheckpointError(SdtrainError):
     """A checkpoint that cannot be found or does not fit the model."""
 
 
+def one_line(exc: BaseException) -> str:
+    """The message to print: errors re-raised from DataLoader workers carry the worker's traceback text, whose
+    last line is the message."""
+    text = str(exc).strip()
+    return text.splitlines()[-1] if text else type(exc).__name__
+
+
 def command_line(run: Callable[[list[str] | None], int]) -> Callable[[list[str] | None], int]:
     """Wrap a console script's body: INFO logging, and any SdtrainError as one `error: ...` line + exit code 2."""
 
@@ -33,8 +40,7 @@ def command_line(run: Callable[[list[str] | None], int]) -> Callable[[list[str] 
         try:
             return run(argv)
         except SdtrainError as exc:
-            message = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-            print(f"error: {message}", file=sys.stderr)
+            print(f"error: {one_line(exc)}", file=sys.stderr)
             return 2
 
     return main

@@ -88,10 +88,10 @@ def latent_channels(array: np.ndarray, kind: str) -> int:
     return array.shape[0] // 2 if kind == "moments" else array.shape[0]
 
 
-def seeded_generator(*words: int) -> torch.Generator:
-    """A CPU generator seeded by a tuple of ints (hashed, so nearby tuples give unrelated streams)."""
+def seeded_generator(*words: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator seeded by a tuple of ints (hashed, so nearby tuples give unrelated streams)."""
     seed = int(np.random.SeedSequence(list(words)).generate_state(1, dtype=np.uint64)[0] >> 1)
-    return torch.Generator().manual_seed(seed)
+    return torch.Generator(device=device).manual_seed(seed)
 
 
 def posterior_sample(array: np.ndarray, kind: str, generator: torch.Generator) -> torch.Tensor:
@@ -100,9 +100,7 @@ def posterior_sample(array: np.ndarray, kind: str, generator: torch.Generator) -
     latent = torch.from_numpy(np.ascontiguousarray(array)).float()
     if kind == "latent":
         return latent
-    channels = latent.shape[-3]
-    if channels % 2:
-        raise SampleError("bad_shape", f"moments need an even channel count (mean ++ logvar), got {channels}")
+    channels = latent.shape[-3]  # even: checked_latent refuses odd moments
     mean, logvar = latent[..., : channels // 2, :, :], latent[..., channels // 2 :, :, :]
     std = torch.exp(0.5 * logvar.clamp(*LOGVAR_RANGE))
     return mean + std * torch.randn(mean.shape, generator=generator)
@@ -117,15 +115,15 @@ def decode_caption(sample: dict[str, Any]) -> str:
         raise SampleError("bad_caption", "caption is not valid UTF-8") from None
 
 
-def checked_latent(sample: dict[str, Any], field: LatentField, expect_channels: int) -> np.ndarray:
-    """The sample's moments or latent as stored, checked for shape, channel count and finiteness."""
+def checked_latent(sample: dict[str, Any], field: LatentField, expect_channels: int | None) -> np.ndarray:
+    """The sample's moments or latent as stored, checked for shape, channel count (unless None) and finiteness."""
     if field.extension not in sample:
         raise SampleError("missing_latent", f"sample has no {field.extension!r}")
     array = load_array(sample[field.extension])
     if field.kind == "moments" and array.shape[0] % 2:
         raise SampleError("bad_shape", f"moments need an even channel count (mean ++ logvar), got {array.shape[0]}")
     channels = latent_channels(array, field.kind)
-    if channels != expect_channels:
+    if expect_channels is not None and channels != expect_channels:
         raise SampleError("wrong_channels", f"{channels} latent channels, model expects {expect_channels}")
     if not np.isfinite(array).all():
         raise SampleError("non_finite", "latents contain NaN or Inf")

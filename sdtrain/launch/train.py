@@ -30,7 +30,7 @@ from sdtrain.data.loader import LatentDataConfig, LatentNormalizer, LatentStream
 from sdtrain.data.shards import resolve_shards
 from sdtrain.diffusion.objective import DiffusionConfig, DiffusionObjective
 from sdtrain.diffusion.sampling import SamplingConfig
-from sdtrain.errors import CheckpointError, ConfigError, DataError, SdtrainError
+from sdtrain.errors import CheckpointError, ConfigError, DataError, SdtrainError, one_line
 from sdtrain.launch.loggers import build_loggers
 from sdtrain.launch.strategy import build_strategy
 from sdtrain.models.diffusers_parts import UNetConfig, VAEConfig, build_unet, build_vae
@@ -285,9 +285,7 @@ def main(cfg: DictConfig) -> None:
     try:
         run(cfg, run_dir)
     except SdtrainError as exc:
-        # Errors re-raised from DataLoader workers carry the worker's traceback text; the last line is the message.
-        message = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-        print(f"error: {message}", file=sys.stderr)
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         sys.exit(2)
 
 

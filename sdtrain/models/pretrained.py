@@ -33,6 +33,11 @@ def model_folder(path: str, part: str) -> str | None:
     return None
 
 
+def under_prefix(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The tensors whose names start with `prefix`, with it removed ("unet.conv_in.weight" -> "conv_in.weight")."""
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+
+
 def read_weights(path: str) -> dict[str, torch.Tensor]:
     """A flat {name: tensor} from .safetensors / .ckpt / .pt / .bin; CheckpointError if unreadable."""
     if not os.path.isfile(path):
@@ -49,7 +54,7 @@ def read_weights(path: str) -> dict[str, torch.Tensor]:
         state = data["state_dict"]
         if any(k.startswith("unet.") for k in state):  # an sdtrain training checkpoint
             log.info("%s is an sdtrain checkpoint: using its %s U-Net weights", path, "EMA" if ema else "raw")
-            unet = ema["shadow"] if ema else {k[5:]: v for k, v in state.items() if k.startswith("unet.")}
+            unet = ema["shadow"] if ema else under_prefix(state, "unet.")
             return {**{k: v for k, v in state.items() if not k.startswith("unet.")}, **unet}
         data = state
     if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):

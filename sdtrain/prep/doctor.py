@@ -25,10 +25,10 @@ import torch
 from sdtrain.data.samples import (
     LatentField,
     SampleError,
+    checked_latent,
     decode_caption,
     decode_text,
     latent_channels,
-    load_array,
 )
 from sdtrain.data.shards import ShardSet, iter_raw_samples, resolve_shards
 from sdtrain.errors import command_line
@@ -64,13 +64,7 @@ class Report:
 
 
 def check_sample(raw: dict[str, Any], field_: LatentField, report: Report, keep_for_decode: int) -> None:
-    array = load_array(raw[field_.extension]) if field_.extension in raw else None
-    if array is None:
-        raise SampleError("missing_latent", f"no {field_.extension}")
-    if not np.isfinite(array).all():
-        raise SampleError("non_finite", "latents contain NaN or Inf")
-    if field_.kind == "moments" and array.shape[0] % 2:
-        raise SampleError("bad_shape", f"moments need an even channel count, got {array.shape}")
+    array = checked_latent(raw, field_, None)
     caption = decode_caption(raw)
     if "json" in raw:
         try:

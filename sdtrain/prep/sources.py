@@ -12,6 +12,7 @@ truncated tar ends its part early with a counted `truncated_tar`; nothing here r
 from __future__ import annotations
 
 import csv
+import functools
 import glob
 import json
 import os
@@ -125,6 +126,7 @@ def _json_meta(data: bytes) -> dict[str, Any]:
     return meta if isinstance(meta, dict) else {}
 
 
+@functools.lru_cache(maxsize=2)  # one listing per folder, not one per part (a worker encodes many parts)
 def _folder_images(folder: str) -> list[str]:
     found = []
     for root, _, files in os.walk(folder):
@@ -152,6 +154,7 @@ def _iter_folder(folder: str, start: int, stop: int) -> Iterator[RawSample]:
         )
 
 
+@functools.lru_cache(maxsize=2)  # one read per table, not one per part; callers only read the rows
 def _table_rows(path: str) -> list[dict[str, Any]]:
     if path.endswith(".parquet"):
         import pyarrow.parquet as pq

@@ -16,6 +16,7 @@ from sdtrain.data.loader import LatentNormalizer
 from sdtrain.diffusion.objective import DiffusionConfig
 from sdtrain.errors import CheckpointError
 from sdtrain.models.ema import find_ema_state
+from sdtrain.models.pretrained import under_prefix
 from sdtrain.models.text_encoder import FrozenOpenCLIPText, TextEncoderConfig, build_text_encoder, build_tokenizer
 from sdtrain.training.checkpoint import load_checkpoint_file
 
@@ -40,10 +41,6 @@ class TrainedModel:
         return build_tokenizer(self.text_config.context_length)
 
 
-def _prefixed(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-
-
 def load_trained(path: str, weights: str = "ema", device: str | torch.device = "cpu") -> TrainedModel:
     """Rebuild the model in `path` (a training checkpoint); CheckpointError with one line if it cannot."""
     if weights not in WEIGHTS:
@@ -59,7 +56,7 @@ def load_trained(path: str, weights: str = "ema", device: str | torch.device = "
     text_encoder = build_text_encoder(text_config)
     for name, module in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder)):
         try:
-            module.load_state_dict(_prefixed(state, f"{name}."), strict=True)
+            module.load_state_dict(under_prefix(state, f"{name}."), strict=True)
         except RuntimeError as exc:
             raise CheckpointError(f"checkpoint {path}: {name} weights do not fit its spec: {str(exc)[:300]}") from None
     if weights == "ema":

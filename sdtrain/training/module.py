@@ -13,12 +13,12 @@ from collections import Counter
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from sdtrain.data.loader import LatentNormalizer, Tokenizer
+from sdtrain.data.samples import seeded_generator
 from sdtrain.diffusion.objective import DiffusionObjective
 from sdtrain.errors import CheckpointError, SdtrainError
 from sdtrain.training.optim import OptimConfig, build_optimizer
@@ -29,10 +29,7 @@ log = logging.getLogger(__name__)
 
 def step_generator(seed: int, rank: int, step: int, micro_batch: int, device: torch.device) -> torch.Generator:
     """The generator for the noise and timesteps of one micro-batch: a pure function of where it is in training."""
-    words = [seed, rank, step, micro_batch]
-    generator = torch.Generator(device=device)
-    generator.manual_seed(int(np.random.SeedSequence(words).generate_state(1, dtype=np.uint64)[0] >> 1))
-    return generator
+    return seeded_generator(seed, rank, step, micro_batch, device=device)
 
 
 class LatentDiffusionModule(L.LightningModule):
@@ -66,6 +63,7 @@ class LatentDiffusionModule(L.LightningModule):
         self._micro = (-1, 0)  # (global step, micro-batch index within it)
         self._pending_rng: dict[str, Any] | None = None
         self.run_metadata: dict[str, Any] = {}  # saved with checkpoints (e.g. the W&B run id)
+        self._empty_context: torch.Tensor | None = None  # the frozen encoder's states for "", made once
         self.spec: dict[str, Any] = {}  # how to rebuild the model from the checkpoint alone (training/spec.py)
 
     def forward(self, noisy: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
@@ -78,7 +76,9 @@ class LatentDiffusionModule(L.LightningModule):
             return self.text_encoder(batch["tokens"])
         context = batch["context"]
         if bool(batch["dropped"].any()):
-            empty = self.text_encoder(self.tokenizer([""]).to(context.device)).to(context.dtype)
+            if self._empty_context is None or self._empty_context.device != context.device:
+                self._empty_context = self.text_encoder(self.tokenizer([""]).to(context.device))
+            empty = self._empty_context.to(context.dtype)
             context = torch.where(batch["dropped"].to(context.device)[:, None, None], empty, context)
         return context
 
