@@ -37,9 +37,12 @@ def measure(backend: str, size: int) -> dict:
     import torch
 
     from sdtrain.models.diffusers_parts import UNetConfig, build_unet
+    from sdtrain.models.unet_runtime import UNetRuntimeConfig, apply_runtime
 
     torch.manual_seed(0)
-    unet = build_unet(UNetConfig(config=dict(UNET, sample_size=size), attention=backend))
+    unet = apply_runtime(
+        build_unet(UNetConfig(config=dict(UNET, sample_size=size))), UNetRuntimeConfig(attention=backend)
+    )
     x, t, c = torch.randn(BATCH, 4, size, size), torch.tensor([500] * BATCH), torch.randn(BATCH, 77, 64)
 
     def step():

@@ -43,7 +43,7 @@ def main():
         n = sum(p.numel() for p in unet.parameters())
         ema = EMAWeights(unet)
         params = [p for p in unet.parameters()]
-        fused = median(step_times(lambda: ema.update(unet, 0.999), 20))  # noqa: B023
+        fused = median(step_times(lambda: ema.update(0.999), 20))  # noqa: B023
         loop = median(step_times(lambda: per_parameter_update(ema.shadow, params, 0.999), 20))  # noqa: B023
         rows.append([name, f"{n / 1e6:.1f}M", len(params), fused * 1e3, loop * 1e3, loop / fused])
     print(table(["model", "params", "tensors", "foreach ms", "per-param ms", "per-param / foreach"], rows))

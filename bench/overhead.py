@@ -80,7 +80,7 @@ def bare_loop(data):
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         optimizer.step()
         scheduler.step()
-        ema.update(unet, ema_decay(step, 0.9999, 10))
+        ema.update(ema_decay(step, 0.9999, 10))
         loss.item()  # the framework logs the loss every step, which syncs; so does this
         now = time.perf_counter()
         times.append(now - last)

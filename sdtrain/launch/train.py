@@ -36,6 +36,7 @@ from sdtrain.launch.strategy import build_strategy
 from sdtrain.models.diffusers_parts import UNetConfig, VAEConfig, build_unet, build_vae
 from sdtrain.models.ema import EMAConfig
 from sdtrain.models.text_encoder import TextEncoderConfig, build_text_encoder, build_tokenizer
+from sdtrain.models.unet_runtime import UNetRuntimeConfig, apply_runtime
 from sdtrain.training.callbacks.ema import EMACallback
 from sdtrain.training.callbacks.preemption import RequeueOnSignal
 from sdtrain.training.callbacks.samples import SampleGridCallback
@@ -45,7 +46,7 @@ from sdtrain.training.checkpoint import (
     AtomicCheckpointIO,
     RunCheckpoint,
     find_resume_checkpoint,
-    load_checkpoint_file,
+    load_checkpoint_meta,
 )
 from sdtrain.training.module import LatentDiffusionModule
 from sdtrain.training.optim import OptimConfig
@@ -93,9 +94,12 @@ def check_text_embeddings(manifest: dict[str, Any], text_cfg: TextEncoderConfig)
 
 def build_module(cfg: DictConfig, data: LatentDataConfig) -> tuple[LatentDiffusionModule, LatentDataModule]:
     model = to_plain(cfg.model)
-    extra = sorted(set(model) - {"unet", "vae", "text_encoder"})
+    parts = {"unet", "vae", "text_encoder"}
+    extra = sorted(set(model) - parts - set(UNetRuntimeConfig.__dataclass_fields__))
     if extra:
-        raise ConfigError(f"unknown key model.{extra[0]} (known: text_encoder, unet, vae)")
+        known = sorted(parts | set(UNetRuntimeConfig.__dataclass_fields__))
+        raise ConfigError(f"unknown key model.{extra[0]} (known: {', '.join(known)})")
+    runtime = from_conf(UNetRuntimeConfig, {k: v for k, v in model.items() if k not in parts}, "model")
     unet_cfg = from_conf(UNetConfig, model.get("unet"), "model.unet")
     text_cfg = from_conf(TextEncoderConfig, model.get("text_encoder"), "model.text_encoder")
     if (unet_cfg.config or {}).get("addition_embed_type"):
@@ -103,9 +107,7 @@ def build_module(cfg: DictConfig, data: LatentDataConfig) -> tuple[LatentDiffusi
             "model.unet.config.addition_embed_type is set (SDXL micro-conditioning), which the training step "
             "does not feed yet; use model=tiny|sd15|sd2"
         )
-    unet = build_unet(unet_cfg)
-    if unet_cfg.channels_last:
-        unet = unet.to(memory_format=__import__("torch").channels_last)
+    unet = apply_runtime(build_unet(unet_cfg), runtime)
     text_encoder = build_text_encoder(text_cfg)
     if unet.config.cross_attention_dim != text_encoder.width:
         raise ConfigError(
@@ -208,9 +210,9 @@ def resolve_resume(resume: str | None, run_dir: str) -> str | None:
         return None
     if resume == "auto":
         return find_resume_checkpoint(os.path.join(run_dir, "checkpoints"))
-    if not os.path.isfile(resume):
+    if not os.path.exists(resume):
         raise CheckpointError(f"resume checkpoint not found: {resume}")
-    load_checkpoint_file(resume, mmap=True)  # a damaged file fails here, with its name, before any work
+    load_checkpoint_meta(resume)  # a damaged checkpoint fails here, with its name, before any work
     return resume
 
 
@@ -248,15 +250,13 @@ def run(cfg: DictConfig, run_dir: str) -> L.Trainer:
     log_placement()
     ckpt_path = resolve_resume(cfg.resume, run_dir)
     # A resumed run keeps logging into the W&B run its checkpoint came from.
-    resumed_id = (
-        load_checkpoint_file(ckpt_path, mmap=True).get("sdtrain", {}).get("wandb_run_id") if ckpt_path else None
-    )
+    resumed_id = load_checkpoint_meta(ckpt_path).get("sdtrain", {}).get("wandb_run_id") if ckpt_path else None
     loggers = build_loggers(to_plain(cfg.logger), run_dir, rank_zero_only.rank, resumed_id)
     module.run_metadata = {"wandb_run_id": next((lg.version for lg in loggers if isinstance(lg, WandbLogger)), None)}
     try:
         trainer = L.Trainer(
             **trainer_kwargs,
-            strategy=build_strategy(to_plain(cfg.strategy)),
+            strategy=build_strategy(to_plain(cfg.strategy), trainer_kwargs, data.batch_size),
             logger=loggers or False,
             callbacks=build_callbacks(cfg, data, run_dir),
             # Under SLURM our RequeueOnSignal does the requeue (into DIR/checkpoints), not Lightning's hpc_ckpt.

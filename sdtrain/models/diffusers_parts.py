@@ -1,4 +1,5 @@
-"""The U-Net and VAE, taken whole from diffusers: built from a config dict or loaded from a local folder."""
+"""The U-Net and VAE, taken whole from diffusers: built from a config dict or loaded from a local folder.
+How the U-Net runs (attention backend, checkpointing, compile) is models/unet_runtime.py."""
 
 from __future__ import annotations
 
@@ -8,14 +9,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from diffusers import AutoencoderKL, UNet2DConditionModel
-from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
 from sdtrain.errors import CheckpointError, ConfigError
 from sdtrain.models.pretrained import load_matching, model_folder, read_weights, unet_state
 
 log = logging.getLogger(__name__)
-
-ATTENTION_PROCESSORS = {"sdpa": AttnProcessor2_0, "math": AttnProcessor}
 
 
 @dataclass(kw_only=True, slots=True)
@@ -26,10 +24,6 @@ class UNetConfig:
     """Start from these weights instead of random init: a local diffusers folder (or an sdtrain export), or a
     single file (.safetensors/.ckpt: diffusers names, original SD/ldm names, or an sdtrain checkpoint) loaded into
     the U-Net built from `config`."""
-    attention: str = "sdpa"
-    """sdpa (torch scaled_dot_product_attention: flash/mem-efficient on GPU) | math (reference)."""
-    gradient_checkpointing: bool = False
-    channels_last: bool = False
 
 
 @dataclass(kw_only=True, slots=True)
@@ -69,11 +63,6 @@ def build_unet(cfg: UNetConfig) -> UNet2DConditionModel:
         unet = _from_config(UNet2DConditionModel, cfg.config, "model.unet")
         if cfg.pretrained:
             load_matching(unet, unet_state(cfg.pretrained, dict(unet.config)), cfg.pretrained, "model.unet")
-    if cfg.attention not in ATTENTION_PROCESSORS:
-        raise ConfigError(f"model.unet.attention must be one of {sorted(ATTENTION_PROCESSORS)}, got {cfg.attention!r}")
-    unet.set_attn_processor(ATTENTION_PROCESSORS[cfg.attention]())
-    if cfg.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
     return unet
 
 

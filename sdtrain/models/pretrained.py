@@ -38,13 +38,22 @@ def under_prefix(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch
     return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
 
+def _consolidated_unet(state: dict[str, torch.Tensor], path: str) -> dict[str, torch.Tensor]:
+    """`sdtrain-consolidate` output (`unet.*` + `ema.*`) -> its EMA U-Net weights (raw ones if it has no EMA)."""
+    if not any(k.startswith("unet.") for k in state) or not all(k.startswith(("unet.", "ema.")) for k in state):
+        return state
+    ema = under_prefix(state, "ema.")
+    log.info("%s is an sdtrain-consolidate file: using its %s U-Net weights", path, "EMA" if ema else "raw")
+    return ema or under_prefix(state, "unet.")
+
+
 def read_weights(path: str) -> dict[str, torch.Tensor]:
     """A flat {name: tensor} from .safetensors / .ckpt / .pt / .bin; CheckpointError if unreadable."""
     if not os.path.isfile(path):
         raise CheckpointError(f"weights file not found: {path}")
     try:
         if path.endswith(".safetensors"):
-            return load_file(path)
+            return _consolidated_unet(load_file(path), path)
         data: Any = torch.load(path, map_location="cpu", weights_only=True)
     except (SafetensorError, RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -18,7 +18,7 @@ from sdtrain.errors import CheckpointError
 from sdtrain.models.ema import find_ema_state
 from sdtrain.models.pretrained import under_prefix
 from sdtrain.models.text_encoder import FrozenOpenCLIPText, TextEncoderConfig, build_text_encoder, build_tokenizer
-from sdtrain.training.checkpoint import load_checkpoint_file
+from sdtrain.training.checkpoint import load_full_checkpoint
 
 log = logging.getLogger(__name__)
 WEIGHTS = ("ema", "raw")
@@ -45,7 +45,7 @@ def load_trained(path: str, weights: str = "ema", device: str | torch.device = "
     """Rebuild the model in `path` (a training checkpoint); CheckpointError with one line if it cannot."""
     if weights not in WEIGHTS:
         raise CheckpointError(f"weights must be one of {WEIGHTS}, got {weights!r}")
-    checkpoint = load_checkpoint_file(path)
+    checkpoint = load_full_checkpoint(path)
     spec = (checkpoint.get("sdtrain") or {}).get("spec")
     if not spec:
         raise CheckpointError(f"checkpoint {path} has no model spec (checkpoint['sdtrain']['spec']); re-save it")

@@ -6,6 +6,8 @@
   file can never run code. An unreadable file is a CheckpointError naming it.
 - Resume: `resume=auto` takes the newest checkpoint in DIR/checkpoints that loads, and says which; a damaged
   newer one is reported and skipped.
+- Sharded strategies (DeepSpeed, FSDP) write directories instead of files (training/sharded_checkpoint.py reads
+  them; and makes their writes atomic); everything here takes either.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import logging
 import os
 import pickle
 import re
+import shutil
 import zipfile
 from typing import Any
 
@@ -24,6 +27,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from sdtrain.errors import CheckpointError
+from sdtrain.training.sharded_checkpoint import OLD_SUFFIX, TMP_SUFFIX, read_full, read_meta
 
 log = logging.getLogger(__name__)
 STEP_PATTERN = re.compile(r"step_(\d+)\.ckpt$")
@@ -49,6 +53,17 @@ def load_checkpoint_file(path: str, map_location: Any = "cpu", mmap: bool = Fals
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise CheckpointError(f"checkpoint {path} is not an sdtrain/Lightning training checkpoint (no state_dict)")
     return checkpoint
+
+
+def load_checkpoint_meta(path: str) -> dict[str, Any]:
+    """A checkpoint's training state (global_step, callbacks, sdtrain) from a file or a sharded directory. Cheap:
+    files are memory-mapped, directories give their small metadata file only."""
+    return read_meta(path) if os.path.isdir(path) else load_checkpoint_file(path, mmap=True)
+
+
+def load_full_checkpoint(path: str) -> dict[str, Any]:
+    """A checkpoint with its full `state_dict` on the CPU, whichever strategy wrote it."""
+    return read_full(path) if os.path.isdir(path) else load_checkpoint_file(path)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -98,14 +113,23 @@ def _candidates(ckpt_dir: str) -> list[str]:
 
 
 def remove_partial_writes(ckpt_dir: str) -> None:
-    """Delete `*.ckpt.tmp-PID` files: a save that was killed before its rename; never a usable checkpoint."""
+    """Delete `*.ckpt.tmp-PID` files and `*.tmp-save` directories: saves killed before their rename, never usable.
+    A sharded save killed between its two renames left only `NAME.old-save`: move it back to NAME."""
     if not os.path.isdir(ckpt_dir):
         return
     for name in os.listdir(ckpt_dir):
-        if ".ckpt.tmp-" in name:
+        path = os.path.join(ckpt_dir, name)
+        if ".ckpt.tmp-" in name or name.endswith(TMP_SUFFIX):
             log.warning("removing %s: a checkpoint write that did not finish", name)
             with contextlib.suppress(FileNotFoundError):  # another rank may have removed it first
-                os.remove(os.path.join(ckpt_dir, name))
+                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+        elif name.endswith(OLD_SUFFIX):
+            final = path[: -len(OLD_SUFFIX)]
+            if os.path.exists(final):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                log.warning("restoring %s: its replacement was not renamed into place", final)
+                os.replace(path, final)
 
 
 def find_resume_checkpoint(ckpt_dir: str) -> str | None:
@@ -118,7 +142,7 @@ def find_resume_checkpoint(ckpt_dir: str) -> str | None:
     candidates = _candidates(ckpt_dir)
     for path in candidates:
         try:
-            step = int(load_checkpoint_file(path, mmap=True).get("global_step", -1))
+            step = int(load_checkpoint_meta(path).get("global_step", -1))
         except CheckpointError as exc:
             log.warning("resume=auto: skipping %s", exc)
             continue

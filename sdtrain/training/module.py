@@ -112,6 +112,8 @@ class LatentDiffusionModule(L.LightningModule):
         self.nonfinite_skips += 1
         self.log("train/nonfinite_skips", float(self.nonfinite_skips))
         where = f"non-finite loss ({loss.item()}) at step {self.global_step} on some rank"
+        if not getattr(self.trainer.strategy, "can_skip_steps", True):
+            raise SdtrainError(f"{where}: DeepSpeed cannot skip an optimizer step; resume from the last checkpoint")
         if self.optim.on_nonfinite_loss == "stop" or self.nonfinite_skips > self.optim.max_nonfinite_skips:
             raise SdtrainError(
                 f"{where} (skipped {self.nonfinite_skips - 1} before; optim.on_nonfinite_loss="
@@ -125,8 +127,20 @@ class LatentDiffusionModule(L.LightningModule):
             set_rng_state(self._pending_rng)
             self._pending_rng = None
 
+    def configure_model(self) -> None:
+        # Sharding strategies (FSDP2) wrap the U-Net here, before optimizers exist; others have nothing to do.
+        parallelize = getattr(self.trainer.strategy, "parallelize_unet", None)
+        if parallelize is not None and not getattr(self, "_parallelized", False):
+            parallelize(self.unet)
+            self._parallelized = True
+
     def configure_optimizers(self) -> dict[str, Any]:
-        optimizer, scheduler = build_optimizer(self.unet.parameters(), self.optim, self.trainer.max_steps)
+        optimizer, scheduler = build_optimizer(
+            self.unet.parameters(),
+            self.optim,
+            self.trainer.max_steps,
+            cpu_adam=getattr(self.trainer.strategy, "optimizer_on_cpu", False),
+        )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -45,12 +45,17 @@ def lr_multiplier(step: int, cfg: OptimConfig, max_steps: int) -> float:
 
 
 def build_optimizer(
-    params: Iterable[torch.nn.Parameter], cfg: OptimConfig, max_steps: int
-) -> tuple[torch.optim.AdamW, LambdaLR]:
+    params: Iterable[torch.nn.Parameter], cfg: OptimConfig, max_steps: int, cpu_adam: bool = False
+) -> tuple[torch.optim.Optimizer, LambdaLR]:
+    """AdamW and its schedule. `cpu_adam`: DeepSpeed's vectorised CPU AdamW (same math) for a ZeRO-Offload step."""
     params = [p for p in params if p.requires_grad]
-    fused = bool(params) and all(p.is_cuda for p in params)  # fused AdamW: one kernel per step on GPU
-    optimizer = torch.optim.AdamW(
-        params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, eps=cfg.eps, fused=fused or None
-    )
+    hyper = dict(lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, eps=cfg.eps)
+    if cpu_adam:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        optimizer: torch.optim.Optimizer = DeepSpeedCPUAdam(params, adamw_mode=True, **hyper)
+    else:
+        fused = bool(params) and all(p.is_cuda for p in params)  # fused AdamW: one kernel per step on GPU
+        optimizer = torch.optim.AdamW(params, fused=fused or None, **hyper)
     scheduler = LambdaLR(optimizer, lambda step: lr_multiplier(step, cfg, max_steps))
     return optimizer, scheduler

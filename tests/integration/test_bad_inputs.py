@@ -32,6 +32,24 @@ CASES = {
     "bad_type": (["optim.lr=fast"], "optim.lr must be a number"),
     "missing_resume": (["resume=/nonexistent/last.ckpt"], "resume checkpoint not found: /nonexistent/last.ckpt"),
     "max_steps": (["trainer.max_steps=0"], "trainer.max_steps must be >= 1"),
+    # strategies and attention: refused before any process starts
+    "zero3_clip_by_value": (
+        ["strategy=deepspeed_zero3", "trainer.gradient_clip_algorithm=value"],
+        "DeepSpeed clips gradients by norm only",
+    ),
+    "zero3_fp16_on_cpu": (["strategy=deepspeed_zero3", "trainer.precision=16-mixed"], "(fp16) needs CUDA"),
+    "zero3_nvme_without_path": (
+        ["strategy=deepspeed_zero3_offload", "strategy.offload_device=nvme"],
+        "strategy.offload_device=nvme needs strategy.nvme_path",
+    ),
+    "zero2_param_offload": (
+        ["strategy=deepspeed_zero2", "strategy.offload_parameters=true"],
+        "strategy.offload_parameters=true needs ZeRO stage 3",
+    ),
+    "zero3_unknown_option": (["strategy=deepspeed_zero3", "+strategy.stage4=true"], "unknown key strategy.stage4"),
+    "fsdp_bad_dtype": (["strategy=fsdp", "strategy.param_dtype=fp8"], "strategy.param_dtype must be null"),
+    "xformers_unavailable": (["model.attention=xformers"], "model.attention=xformers: xformers"),
+    "unknown_attention": (["model.attention=flash"], "attention must be one of sdpa, xformers, math, auto"),
 }
 
 
@@ -55,3 +73,9 @@ def test_missing_caption_names_the_shard_and_sample(tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: shard ") and "sample '0001': missing_caption" in last
+
+
+def test_attention_auto_falls_back_to_sdpa_with_a_reason(tmp_path, dataset):
+    result = run_train(tmp_path / "run", f"data.shards={dataset}", "debug=fast", "model.attention=auto", timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "model.attention=auto: using sdpa (xformers" in result.stdout + result.stderr

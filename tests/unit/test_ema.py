@@ -24,7 +24,7 @@ def test_ema_matches_a_hand_computed_average():
             for p in model.parameters():
                 p.add_(torch.randn_like(p))
         d = ema_decay(step, 0.95, 10)
-        ema.update(model, d)
+        ema.update(d)
         for n, p in model.named_parameters():
             expect[n] = d * expect[n] + (1 - d) * p.detach().double()
     for name, shadow in zip(ema.names, ema.shadow, strict=True):
@@ -38,7 +38,7 @@ def test_swap_loads_ema_and_restores_trained_weights():
     trained = copy.deepcopy(model.state_dict())
     with torch.no_grad():
         ema.shadow[0].fill_(7.0)
-    with ema.swapped_into(model):
+    with ema.swapped_into():
         assert torch.all(model.weight == 7.0)
     for k, v in model.state_dict().items():
         assert torch.equal(v, trained[k])
@@ -47,7 +47,7 @@ def test_swap_loads_ema_and_restores_trained_weights():
 def test_state_dict_round_trip_and_mismatch():
     model = nn.Linear(2, 2)
     ema = EMAWeights(model)
-    ema.update(model, 0.5)
+    ema.update(0.5)
     other = EMAWeights(nn.Linear(2, 2))
     other.load_state_dict(ema.state_dict())
     assert other.num_updates == 1 and all(torch.equal(a, b) for a, b in zip(ema.shadow, other.shadow, strict=True))

@@ -20,13 +20,15 @@ class EMACallback(L.Callback):
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.ema = EMAWeights(pl_module.unet)
+        self._last_step = trainer.global_step
         if self._pending is not None:
-            self.ema.load_state_dict(self._pending)
-            # trainer.global_step is not restored yet at on_fit_start; the saved step is the one to continue from
-            self._last_step = int(self._pending.get("last_step", trainer.global_step))
-            self._pending = None
-        else:
-            self._last_step = trainer.global_step
+            self._restore(self._pending)
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        self.ema.load_state_dict(state)
+        # trainer.global_step may not be restored yet; the saved step is the one to continue from
+        self._last_step = int(state.get("last_step", self._last_step))
+        self._pending = None
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         step = trainer.global_step  # counts optimizer steps; unchanged across accumulation micro-batches
@@ -34,13 +36,13 @@ class EMACallback(L.Callback):
             return
         self._last_step = step
         if step <= self.cfg.start_step:
-            self.ema.copy_from(pl_module.unet)
+            self.ema.copy_from()
         elif step % self.cfg.update_every == 0:
-            self.ema.update(pl_module.unet, ema_decay(self.ema.num_updates, self.cfg.decay, self.cfg.warmup))
+            self.ema.update(ema_decay(self.ema.num_updates, self.cfg.decay, self.cfg.warmup))
 
     @contextmanager
     def swapped(self, pl_module: L.LightningModule) -> Iterator[None]:
-        with self.ema.swapped_into(pl_module.unet) if self.ema is not None else nullcontext():
+        with self.ema.swapped_into() if self.ema is not None else nullcontext():
             yield
 
     def state_dict(self) -> dict[str, Any]:
@@ -49,8 +51,14 @@ class EMACallback(L.Callback):
         return {**self.ema.state_dict(), "last_step": self._last_step}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if state_dict:
+        if not state_dict:
+            return
+        # Single-file checkpoints are restored before on_fit_start (the model's EMA does not exist yet);
+        # sharded ones (DeepSpeed, FSDP) after it, once the strategy has wrapped the model.
+        if self.ema is None:
             self._pending = state_dict
+        else:
+            self._restore(state_dict)
 
 
 def find_ema(trainer: L.Trainer) -> EMACallback | None:

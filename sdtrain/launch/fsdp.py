@@ -1,0 +1,81 @@
+"""FSDP2 (`torch.distributed.fsdp.fully_shard`) through Lightning's ModelParallelStrategy.
+
+Every rank is one data-parallel shard (no tensor parallelism): each U-Net down/mid/up block is its own FSDP unit
+(gathered for its forward, resharded after), then the U-Net root. The frozen text encoder and VAE stay whole on
+every rank. Checkpoints are torch.distributed.checkpoint directories (one file per rank + `meta.pt`), written
+under a temporary name and renamed once complete.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+from typing import Any
+
+import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
+from torch import nn
+
+from sdtrain.errors import ConfigError
+from sdtrain.training.sharded_checkpoint import TMP_SUFFIX, replace_directory
+
+FSDP_OPTIONS: dict[str, Any] = {
+    "reshard_after_forward": True,
+    "param_dtype": None,
+    "reduce_dtype": None,
+    "process_group_backend": None,
+    "timeout_s": 1800,
+}
+DTYPES = {None: None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class FSDP2Strategy(ModelParallelStrategy):
+    """ModelParallelStrategy with a 1-D data-parallel mesh over all ranks and the U-Net sharding plan."""
+
+    strategy_name = "sdtrain_fsdp2"
+
+    def __init__(self, *, reshard_after_forward: bool, param_dtype: Any, reduce_dtype: Any, **kwargs: Any) -> None:
+        super().__init__(save_distributed_checkpoint=True, **kwargs)
+        self.reshard_after_forward = reshard_after_forward
+        self.param_dtype = DTYPES[param_dtype]
+        self.reduce_dtype = DTYPES[reduce_dtype]
+
+    def setup_environment(self) -> None:
+        self._data_parallel_size = self.num_nodes * self.num_processes
+        self._tensor_parallel_size = 1
+        super().setup_environment()
+
+    def parallelize_unet(self, unet: nn.Module) -> None:
+        """Called from the LightningModule's configure_model: shard every U-Net block, then the root."""
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        mesh = self.device_mesh["data_parallel"]
+        policy = MixedPrecisionPolicy(param_dtype=self.param_dtype, reduce_dtype=self.reduce_dtype)
+        blocks = [*unet.down_blocks, unet.mid_block, *unet.up_blocks]
+        for block in blocks:
+            if block is not None:
+                fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=self.reshard_after_forward)
+        fully_shard(unet, mesh=mesh, mp_policy=policy, reshard_after_forward=self.reshard_after_forward)
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
+        filepath = os.fspath(self.broadcast(filepath))
+        tmp = filepath + TMP_SUFFIX
+        super().save_checkpoint(checkpoint, tmp, storage_options)
+        replace_directory(self, tmp, filepath)
+
+
+def build_fsdp_strategy(options: dict[str, Any]) -> FSDP2Strategy:
+    unknown = sorted(set(options) - set(FSDP_OPTIONS))
+    if unknown:
+        raise ConfigError(f"unknown key strategy.{unknown[0]} (known: {', '.join(sorted(FSDP_OPTIONS))})")
+    o = {**FSDP_OPTIONS, **options}
+    for key in ("param_dtype", "reduce_dtype"):
+        if o[key] not in DTYPES:
+            raise ConfigError(f"strategy.{key} must be null, float32, bfloat16 or float16, got {o[key]!r}")
+    return FSDP2Strategy(
+        reshard_after_forward=bool(o["reshard_after_forward"]),
+        param_dtype=o["param_dtype"],
+        reduce_dtype=o["reduce_dtype"],
+        process_group_backend=o["process_group_backend"],
+        timeout=timedelta(seconds=o["timeout_s"]),
+    )

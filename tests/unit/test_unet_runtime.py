@@ -1,0 +1,56 @@
+"""model.attention / gradient_checkpointing / channels_last / compile switches reach the U-Net."""
+
+import pytest
+import torch
+from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+from sdtrain.errors import ConfigError
+from sdtrain.models.diffusers_parts import UNetConfig, build_unet
+from sdtrain.models.unet_runtime import UNetRuntimeConfig, apply_runtime, xformers_problem
+
+UNET = dict(
+    sample_size=8,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=1,
+    block_out_channels=[16, 32],
+    down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
+    up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"],
+    cross_attention_dim=32,
+    attention_head_dim=8,
+    norm_num_groups=8,
+)
+
+
+def _unet(**runtime):
+    torch.manual_seed(0)
+    return apply_runtime(build_unet(UNetConfig(config=UNET)), UNetRuntimeConfig(**runtime))
+
+
+def _output(unet):
+    gen = torch.Generator().manual_seed(1)
+    x, c = torch.randn(2, 4, 8, 8, generator=gen), torch.randn(2, 7, 32, generator=gen)
+    return unet(x, torch.tensor([10, 900]), encoder_hidden_states=c).sample
+
+
+def test_sdpa_and_math_attention_agree():
+    sdpa, math = _unet(attention="sdpa"), _unet(attention="math")
+    assert {type(p) for p in sdpa.attn_processors.values()} == {AttnProcessor2_0}
+    assert {type(p) for p in math.attn_processors.values()} == {AttnProcessor}
+    torch.testing.assert_close(_output(sdpa), _output(math), atol=1e-5, rtol=1e-5)
+
+
+def test_switches_reach_the_unet():
+    unet = _unet(gradient_checkpointing=True, channels_last=True, compile=True)
+    assert unet.is_gradient_checkpointing
+    assert unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert unet._compiled_call_impl is not None  # nn.Module.compile: compiled on first call, names unchanged
+    assert "conv_in.weight" in unet.state_dict()
+    assert not _unet()._compiled_call_impl
+
+
+@pytest.mark.skipif(xformers_problem() is None, reason="xformers runs here")
+def test_xformers_where_it_cannot_run():
+    with pytest.raises(ConfigError, match="model.attention=xformers: .*use model.attention=sdpa or auto"):
+        _unet(attention="xformers")
+    assert {type(p) for p in _unet(attention="auto").attn_processors.values()} == {AttnProcessor2_0}
