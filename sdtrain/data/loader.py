@@ -102,6 +102,10 @@ class LatentNormalizer:
     def normalize(self, z: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
         return (z - self._shift(z)) * self.scale
 
+    def normalize_(self, z: torch.Tensor) -> torch.Tensor:
+        """normalize() in place, for the loader's own fresh batch tensors."""
+        return z.sub_(self._shift(z)).mul_(self.scale)
+
     def denormalize(self, x: torch.Tensor) -> torch.Tensor:
         return x / self.scale + self._shift(x)
 
@@ -205,7 +209,7 @@ class LatentStream(IterableDataset):
 
     def _collate(self, batch: list[Pending], kind: str, generator: torch.Generator) -> dict[str, Any]:
         latents = posterior_sample(np.stack([p.latent for p in batch]), kind, generator)  # one vectorised draw
-        latents = self.normalizer.normalize(latents)
+        latents = self.normalizer.normalize_(latents)
         dropped = (torch.rand(len(batch), generator=generator) < self.cfg.caption_dropout).numpy()
         skipped, self.skipped = dict(self.skipped), Counter()
         out = {"latents": latents, "keys": [p.key for p in batch], "skipped": skipped}

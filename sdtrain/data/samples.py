@@ -96,14 +96,16 @@ def seeded_generator(*words: int, device: torch.device | str = "cpu") -> torch.G
 
 def posterior_sample(array: np.ndarray, kind: str, generator: torch.Generator) -> torch.Tensor:
     """z ~ N(mean, exp(logvar)) for moments (channel axis -3), the latent itself otherwise: float32, unscaled.
-    One sample (2C, h, w) or a whole batch (B, 2C, h, w) at once (torch's sampler is ~3x numpy's)."""
-    latent = torch.from_numpy(np.ascontiguousarray(array)).float()
+    One sample (2C, h, w) or a whole batch (B, 2C, h, w) at once (torch's sampler is ~3x numpy's); in place on
+    fresh buffers (the loader's hottest lines)."""
+    stored = torch.from_numpy(np.ascontiguousarray(array))
     if kind == "latent":
-        return latent
-    channels = latent.shape[-3]  # even: checked_latent refuses odd moments
-    mean, logvar = latent[..., : channels // 2, :, :], latent[..., channels // 2 :, :, :]
-    std = torch.exp(0.5 * logvar.clamp(*LOGVAR_RANGE))
-    return mean + std * torch.randn(mean.shape, generator=generator)
+        return stored.float()
+    channels = stored.shape[-3]  # even: checked_latent refuses odd moments
+    mean, logvar = stored[..., : channels // 2, :, :], stored[..., channels // 2 :, :, :]
+    noise = torch.randn(mean.shape, generator=generator)
+    std = logvar.float().clamp_(*LOGVAR_RANGE).mul_(0.5).exp_()
+    return noise.mul_(std).add_(mean)
 
 
 def decode_caption(sample: dict[str, Any]) -> str:
