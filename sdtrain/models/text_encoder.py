@@ -1,7 +1,8 @@
 """Frozen OpenCLIP text encoder (SD2 style: penultimate layer, then the final LayerNorm) and its BPE tokenizer.
 
 `tiny` builds a small random text tower (no weights exist offline); `sd2` builds ViT-H-14 and loads a local
-open_clip checkpoint. The tokenizer is always open_clip's real BPE (its vocab ships in the wheel).
+open_clip checkpoint. The tokenizer is always open_clip's real BPE (its vocab ships in the wheel), run by HF
+`tokenizers` for speed.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import open_clip
 import torch
 from open_clip.model import CLIPTextCfg, _build_text_tower
@@ -57,11 +59,44 @@ def _fast_clean(text: str) -> str:
     return open_clip.tokenizer._clean_lower(text)
 
 
-def build_tokenizer(context_length: int = 77) -> open_clip.tokenizer.SimpleTokenizer:
-    """open_clip's real BPE tokenizer; callable on a list of strings -> (B, context_length) int64."""
-    tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=context_length)
-    tokenizer.clean_fn = _fast_clean
-    return tokenizer
+class CLIPTokenizer:
+    """open_clip's BPE tokenizer run by HF `tokenizers` (Rust): the same vocabulary, merges, pre-tokenising regex,
+    cleaning, start/end tokens, zero padding and truncation (last kept token = end), ~2x faster per caption than
+    open_clip's Python BPE; tested token for token against it. Callable on a list of strings ->
+    (B, context_length) int64."""
+
+    def __init__(self, context_length: int = 77) -> None:
+        from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+
+        reference = open_clip.tokenizer.SimpleTokenizer(context_length=context_length)
+        merges = sorted(reference.bpe_ranks, key=reference.bpe_ranks.get)
+        self._bpe = Tokenizer(models.BPE(vocab=dict(reference.encoder), merges=merges, end_of_word_suffix="</w>"))
+        self._bpe.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(reference.pat.pattern), behavior="removed", invert=True),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),  # open_clip's byte encoder
+            ]
+        )
+        # open_clip maps the literal text "<start_of_text>"/"<end_of_text>" in a caption to the special ids
+        self._bpe.add_special_tokens(["<start_of_text>", "<end_of_text>"])
+        self.context_length = context_length
+        self.sot, self.eot = reference.sot_token_id, reference.eot_token_id
+
+    def __call__(self, texts: str | list[str]) -> torch.Tensor:
+        texts = [texts] if isinstance(texts, str) else texts
+        out = np.zeros((len(texts), self.context_length), dtype=np.int64)
+        for row, text in enumerate(texts):
+            # one caption at a time: encode_batch's thread pool would clash with forked loader workers
+            ids = [self.sot, *self._bpe.encode(_fast_clean(text), add_special_tokens=False).ids, self.eot]
+            if len(ids) > self.context_length:
+                ids = ids[: self.context_length]
+                ids[-1] = self.eot
+            out[row, : len(ids)] = ids
+        return torch.from_numpy(out)
+
+
+def build_tokenizer(context_length: int = 77) -> CLIPTokenizer:
+    return CLIPTokenizer(context_length)
 
 
 class FrozenOpenCLIPText(nn.Module):

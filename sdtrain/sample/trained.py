@@ -17,7 +17,13 @@ from sdtrain.diffusion.objective import DiffusionConfig
 from sdtrain.errors import CheckpointError
 from sdtrain.models.ema import find_ema_state
 from sdtrain.models.pretrained import under_prefix
-from sdtrain.models.text_encoder import FrozenOpenCLIPText, TextEncoderConfig, build_text_encoder, build_tokenizer
+from sdtrain.models.text_encoder import (
+    CLIPTokenizer,
+    FrozenOpenCLIPText,
+    TextEncoderConfig,
+    build_text_encoder,
+    build_tokenizer,
+)
 from sdtrain.training.checkpoint import load_full_checkpoint
 
 log = logging.getLogger(__name__)
@@ -37,7 +43,7 @@ class TrainedModel:
     weights: str
     """Which U-Net weights were loaded: ema | raw."""
 
-    def tokenizer(self):  # noqa: ANN201 - open_clip's SimpleTokenizer
+    def tokenizer(self) -> CLIPTokenizer:
         return build_tokenizer(self.text_config.context_length)
 
 

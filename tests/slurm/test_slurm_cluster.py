@@ -78,6 +78,28 @@ def test_two_node_ddp_job(cluster, tmp_path, dataset):
     assert (run / "samples" / "step_000006.png").exists()
 
 
+def test_two_node_zero3_job_resumes(cluster, tmp_path, dataset):
+    """DeepSpeed ZeRO-3 across 2 (emulated) nodes: each node's rank writes its shard of the checkpoint directory,
+    and a second job continues from it."""
+    from sdtrain.training.checkpoint import load_checkpoint_meta
+
+    run = tmp_path / "run"
+    train = [*TRAIN, f"data.shards={dataset}", "strategy=deepspeed_zero3", "data.num_workers=0"]
+    job = submit(run, "--nodes", "2", "--time", "5", "--", *train, "trainer.max_steps=4")
+    assert wait_for(job, 300) == "COMPLETED", job_log(run, job)[-3000:]
+    log = job_log(run, job)
+    assert "initializing deepspeed distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in log
+    last = run / "checkpoints" / "last.ckpt"
+    assert sorted(p.name for p in (last / "checkpoint").glob("zero_pp_rank_*_optim_states.pt")) == [
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+        "zero_pp_rank_1_mp_rank_00_optim_states.pt",
+    ]
+    job = submit(run, "--nodes", "2", "--time", "5", "--", *train, "trainer.max_steps=6")  # resume=auto
+    assert wait_for(job, 300) == "COMPLETED", job_log(run, job)[-3000:]
+    assert "(global step 4)" in job_log(run, job)
+    assert load_checkpoint_meta(str(last))["global_step"] == 6
+
+
 def test_time_limit_saves_requeues_and_finishes(cluster, tmp_path, dataset):
     """1-minute limit, warning signal: save, requeue, resume, finish the planned steps exactly, same W&B run."""
     run = tmp_path / "run"

@@ -1,3 +1,6 @@
+import random
+import string
+
 import open_clip
 import pytest
 import torch
@@ -42,7 +45,7 @@ def test_size_presets_are_the_real_sd_unets(preset, millions):
     assert sum(p.numel() for p in unet.parameters()) / 1e6 == pytest.approx(millions, abs=0.5)
 
 
-def test_fast_caption_cleaning_tokenises_exactly_like_open_clip():
+def test_tokenizer_tokenises_exactly_like_open_clip():
     from sdtrain.prep.emoji_images import emoji_pairs
 
     reference = open_clip.tokenizer.SimpleTokenizer()
@@ -58,5 +61,12 @@ def test_fast_caption_cleaning_tokenises_exactly_like_open_clip():
         "ALL CAPS 123 !?",
         "m\u00f6tley cr\u00fce",
         "\u00c3\u00a9 mojibake",
+        "it's the cat's toy, isn't it? we'll see; they'd've 3.14159 <start_of_text> ok",
+        "word " * 100,  # longer than the context: truncated, last token = end of text
+        "\u4e2d\u6587 \u0627\u0644\u0639\u0631\u0628\u064a\u0629 \U0001f600 emoji",
     ]
+    rng = random.Random(0)
+    captions += ["".join(rng.choice(string.printable) for _ in range(rng.randint(0, 200))) for _ in range(500)]
     assert torch.equal(build_tokenizer()(captions), reference(captions))
+    short = open_clip.tokenizer.SimpleTokenizer(context_length=16)
+    assert torch.equal(build_tokenizer(16)(captions), short(captions))
