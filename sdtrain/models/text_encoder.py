@@ -80,17 +80,18 @@ class CLIPTokenizer:
         # open_clip maps the literal text "<start_of_text>"/"<end_of_text>" in a caption to the special ids
         self._bpe.add_special_tokens(["<start_of_text>", "<end_of_text>"])
         self.context_length = context_length
-        self.sot, self.eot = reference.sot_token_id, reference.eot_token_id
+        self.sot_token_id, self.eot_token_id = reference.sot_token_id, reference.eot_token_id
 
     def __call__(self, texts: str | list[str]) -> torch.Tensor:
         texts = [texts] if isinstance(texts, str) else texts
         out = np.zeros((len(texts), self.context_length), dtype=np.int64)
         for row, text in enumerate(texts):
             # one caption at a time: encode_batch's thread pool would clash with forked loader workers
-            ids = [self.sot, *self._bpe.encode(_fast_clean(text), add_special_tokens=False).ids, self.eot]
+            bpe = self._bpe.encode(_fast_clean(text), add_special_tokens=False).ids
+            ids = [self.sot_token_id, *bpe, self.eot_token_id]
             if len(ids) > self.context_length:
                 ids = ids[: self.context_length]
-                ids[-1] = self.eot
+                ids[-1] = self.eot_token_id
             out[row, : len(ids)] = ids
         return torch.from_numpy(out)
 
