@@ -31,6 +31,12 @@ def one_line(exc: BaseException) -> str:
     return text.splitlines()[-1] if text else type(exc).__name__
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of a library's (often multi-line) exception text, for wrapping it in our own one-liner."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def command_line(run: Callable[[list[str] | None], int]) -> Callable[[list[str] | None], int]:
     """Wrap a console script's body: INFO logging, and any SdtrainError as one `error: ...` line + exit code 2."""
 

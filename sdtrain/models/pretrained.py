@@ -19,7 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
-from sdtrain.errors import CheckpointError, ConfigError
+from sdtrain.errors import CheckpointError, ConfigError, first_line
 from sdtrain.models.ema import find_ema_state
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,7 @@ def read_weights(path: str) -> dict[str, torch.Tensor]:
             return _consolidated_unet(load_file(path), path)
         data: Any = torch.load(path, map_location="cpu", weights_only=True)
     except (SafetensorError, RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise CheckpointError(f"weights file {path} is unreadable: {first}") from None
     if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
         ema = find_ema_state(data)

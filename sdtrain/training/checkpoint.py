@@ -7,7 +7,7 @@
 - Resume: `resume=auto` takes the newest checkpoint in DIR/checkpoints that loads, and says which; a damaged
   newer one is reported and skipped.
 - Sharded strategies (DeepSpeed, FSDP) write directories instead of files (training/sharded_checkpoint.py reads
-  them; and makes their writes atomic); everything here takes either.
+  them and makes their writes atomic); everything here takes either.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from sdtrain.errors import CheckpointError
+from sdtrain.errors import CheckpointError, first_line
 from sdtrain.training.sharded_checkpoint import OLD_SUFFIX, TMP_SUFFIX, read_full, read_meta
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ def load_checkpoint_file(path: str, map_location: Any = "cpu", mmap: bool = Fals
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise CheckpointError(f"checkpoint {path} is unreadable (truncated or not a checkpoint): {first}") from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise CheckpointError(f"checkpoint {path} is not an sdtrain/Lightning training checkpoint (no state_dict)")
@@ -129,7 +129,8 @@ def remove_partial_writes(ckpt_dir: str) -> None:
                 shutil.rmtree(path, ignore_errors=True)
             else:
                 log.warning("restoring %s: its replacement was not renamed into place", final)
-                os.replace(path, final)
+                with contextlib.suppress(FileNotFoundError):  # another rank may have restored it first
+                    os.replace(path, final)
 
 
 def find_resume_checkpoint(ckpt_dir: str) -> str | None:

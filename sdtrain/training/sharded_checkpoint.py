@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from sdtrain.errors import CheckpointError
+from sdtrain.errors import CheckpointError, first_line
 
 OLD_SUFFIX = ".old-save"
 TMP_SUFFIX = ".tmp-save"
@@ -72,7 +72,7 @@ def read_meta(path: str) -> dict[str, Any]:
     try:
         meta = torch.load(meta_file, map_location="cpu", weights_only=True, mmap=True)
     except LOAD_ERRORS as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise CheckpointError(f"checkpoint {path} is unreadable ({os.path.basename(meta_file)}): {first}") from None
     if not isinstance(meta, dict) or "global_step" not in meta:
         raise CheckpointError(f"checkpoint {path} is not an sdtrain/Lightning training checkpoint (no global_step)")
@@ -105,7 +105,7 @@ def read_full(path: str) -> dict[str, Any]:
     try:
         state = _deepspeed_state_dict(path) if sharded_kind(path) == "deepspeed" else _dcp_state_dict(path)
     except LOAD_ERRORS as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise CheckpointError(f"checkpoint {path}: its shards do not load ({first})") from None
     checkpoint["state_dict"] = state
     return checkpoint
