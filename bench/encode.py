@@ -29,13 +29,11 @@ from sdtrain.prep.encode_cli import main as encode_main  # noqa: E402
 
 def tiny_vae(folder: str) -> str:
     from diffusers import AutoencoderKL
-    from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from sdtrain.launch.train import CONF_DIR
+    from sdtrain.launch.config import compose_config
 
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        config = OmegaConf.to_container(compose("train").model.vae.config)
+    config = OmegaConf.to_container(compose_config([]).model.vae.config)
     AutoencoderKL.from_config(config).save_pretrained(folder)
     return folder
 

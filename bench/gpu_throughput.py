@@ -18,22 +18,20 @@ import time
 
 import torch
 from diffusers import UNet2DConditionModel
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 sys.path.insert(0, os.path.dirname(__file__))
 from _util import table  # noqa: E402
 from attention import UNET  # noqa: E402
 
-from sdtrain.launch.train import CONF_DIR  # noqa: E402
+from sdtrain.launch.config import compose_config  # noqa: E402
 from sdtrain.training.metrics import mfu, peak_flops, unet_training_flops  # noqa: E402
 
 TINY = UNET  # self-attention at full latent resolution, as in the attention benchmark
 
 
 def sd2_config() -> dict:
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return OmegaConf.to_container(compose("train", overrides=["model=sd2"]).model.unet.config)
+    return OmegaConf.to_container(compose_config(["model=sd2"]).model.unet.config)
 
 
 def run_case(config, latent, batch, device, dtype, channels_last, compiled, steps, warmup):

@@ -21,7 +21,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(__file__))
 from _util import table  # noqa: E402
 
-from sdtrain.data.loader import LatentDataConfig, LatentNormalizer, LatentStream, build_dataloader  # noqa: E402
+from sdtrain.data.loader import LatentDataConfig, LatentStream, build_dataloader  # noqa: E402
+from sdtrain.data.normalizer import LatentNormalizer  # noqa: E402
 from sdtrain.data.shards import resolve_shards  # noqa: E402
 from sdtrain.models.text_encoder import build_tokenizer  # noqa: E402
 from sdtrain.prep.shard_writer import LatentSample, write_shards  # noqa: E402

@@ -68,7 +68,7 @@ def worker(rank: int, strategy: str, port: int, out_file: str) -> None:
     torch.set_num_threads(1)
     from diffusers import UNet2DConditionModel
 
-    from sdtrain.launch.zero import zero_config
+    from sdtrain.launch.zero import ZeroConfig, zero_config
 
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     gen = torch.Generator().manual_seed(rank)
@@ -97,7 +97,7 @@ def worker(rank: int, strategy: str, port: int, out_file: str) -> None:
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # as launch/zero.py: inference-only op
         deepspeed.init_distributed("gloo", dist_init_required=False)
         buckets = {k: BUCKET for k in ("reduce_bucket_size", "allgather_bucket_size", "stage3_prefetch_bucket_size")}
-        config = zero_config({"stage": int(strategy[-1]), **buckets}, BATCH)
+        config = zero_config(ZeroConfig(stage=int(strategy[-1]), **buckets), BATCH)
         config.update(gradient_accumulation_steps=1, gradient_clipping=1.0)
         model, _, _, _ = deepspeed.initialize(model=unet, optimizer=optimizer, config=config)
         inner = model.optimizer.optimizer  # the torch AdamW inside ZeRO's wrapper

@@ -22,14 +22,18 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, os.path.dirname(__file__))
 from _util import median, table  # noqa: E402
 
-from sdtrain.data.loader import LatentNormalizer  # noqa: E402
+from sdtrain.data.normalizer import LatentNormalizer  # noqa: E402
 from sdtrain.diffusion.objective import DiffusionConfig, DiffusionObjective  # noqa: E402
 from sdtrain.models.diffusers_parts import UNetConfig, VAEConfig, build_unet, build_vae  # noqa: E402
-from sdtrain.models.ema import EMAConfig, EMAWeights, ema_decay  # noqa: E402
+from sdtrain.models.ema import EMAWeights, ema_decay  # noqa: E402
 from sdtrain.models.text_encoder import TextEncoderConfig, build_text_encoder, build_tokenizer  # noqa: E402
-from sdtrain.training.callbacks.ema import EMACallback  # noqa: E402
+from sdtrain.seeding import step_generator  # noqa: E402
+from sdtrain.training.callbacks.ema import (
+    EMACallback,  # noqa: E402
+    EMAConfig,
+)
 from sdtrain.training.callbacks.throughput import ThroughputCallback  # noqa: E402
-from sdtrain.training.module import LatentDiffusionModule, step_generator  # noqa: E402
+from sdtrain.training.module import LatentDiffusionModule  # noqa: E402
 from sdtrain.training.optim import OptimConfig, build_optimizer  # noqa: E402
 
 # the README demo's U-Net (12.6M parameters) on 8x8x4 latents, batch 64

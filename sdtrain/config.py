@@ -1,74 +1,64 @@
-"""Turn a Hydra/OmegaConf node into a typed dataclass, with one-line errors for unknown keys and bad types.
+"""Typed dataclass configs from plain values: OmegaConf's structured configs check keys and types, the
+dataclass's `__post_init__` checks values, and every failure is one ConfigError line naming the key.
 
-Below the launcher, code takes these dataclasses, never a DictConfig (lightning-hydra-template keeps
-`instantiate` at the edge for the same reason: one place where config meets code).
+Used for Hydra groups (launch/config.py registers the same dataclasses as schemas) and for values given on other
+command lines (sdtrain-encode's JSON options). Below the launcher, code takes these dataclasses, never a DictConfig.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
 from typing import Any, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from sdtrain.errors import ConfigError
 
 T = TypeVar("T")
 
 
-def to_plain(node: Any) -> Any:
-    """A resolved plain-Python copy of an OmegaConf node (dicts, lists, scalars)."""
-    if isinstance(node, DictConfig) or OmegaConf.is_config(node):
-        return OmegaConf.to_container(node, resolve=True)
-    return node
+def config_error_line(exc: BaseException) -> str:
+    """Hydra's/OmegaConf's multi-line message as one line (the indented full_key/object_type lines dropped)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip() and not line.startswith((" ", "\t"))]
+    cause = exc.__cause__
+    if isinstance(cause, OmegaConfBaseException):
+        lines += [line.strip() for line in str(cause).splitlines() if line.strip() and not line.startswith(" ")]
+    return "; ".join(dict.fromkeys(lines)) or type(exc).__name__
 
 
-def _check_type(value: Any, annotation: Any, where: str) -> None:
-    """Reject obviously wrong scalar types (a string where a number belongs) with the key's name."""
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(annotation)
-        if value is None and type(None) in options:
-            return
-        errors = []
-        for option in options:
-            if option is type(None):
-                continue
-            try:
-                _check_type(value, option, where)
-                return
-            except ConfigError as exc:
-                errors.append(exc)
-        raise errors[0]
-    if annotation is float and isinstance(value, int | float) and not isinstance(value, bool):
-        return
-    if annotation in (int, str, bool) and not isinstance(value, annotation):
-        raise ConfigError(f"{where} must be {annotation.__name__}, got {value!r}")
-    if annotation is int and isinstance(value, bool):
-        raise ConfigError(f"{where} must be int, got {value!r}")
-    if annotation is float and not isinstance(value, int | float):
-        raise ConfigError(f"{where} must be a number, got {value!r}")
-    if origin is list and not isinstance(value, list | tuple):
-        raise ConfigError(f"{where} must be a list, got {value!r}")
-    if origin is dict and not isinstance(value, dict):
-        raise ConfigError(f"{where} must be a mapping, got {value!r}")
+def unknown_key(node: Any, where: str) -> str | None:
+    """The first key of a typed node that its dataclass does not have (added with Hydra's `+key=`), or None."""
+    schema = OmegaConf.get_type(node)
+    if not (isinstance(node, DictConfig) and dataclasses.is_dataclass(schema)):
+        return None
+    fields = {f.name for f in dataclasses.fields(schema)}
+    for key in node:
+        if key not in fields:
+            return f"unknown key {where}.{key} (known: {', '.join(sorted(fields))})"
+        found = unknown_key(node._get_node(key), f"{where}.{key}")
+        if found:
+            return found
+    return None
 
 
-def from_conf(cls: type[T], node: Any, where: str) -> T:
-    """Build dataclass `cls` from a config mapping; `where` names the config group in errors."""
-    values = to_plain(node) or {}
-    if not isinstance(values, dict):
-        raise ConfigError(f"{where} must be a mapping, got {values!r}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    unknown = sorted(set(values) - set(fields))
-    if unknown:
-        raise ConfigError(f"unknown key {where}.{unknown[0]} (known: {', '.join(sorted(fields))})")
-    hints = typing.get_type_hints(cls)
-    for name, value in values.items():
-        _check_type(value, hints[name], f"{where}.{name}")
+def to_object(node: Any, where: str) -> Any:
+    """The dataclass behind a typed OmegaConf node (`cfg.data` -> LatentDataConfig); its checks -> ConfigError."""
+    problem = unknown_key(node, where)
+    if problem:
+        raise ConfigError(problem)
     try:
-        return cls(**values)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{where}: {exc}") from None
+        return OmegaConf.to_object(node)
+    except (ValueError, TypeError, OmegaConfBaseException) as exc:  # __post_init__ checks, OmegaConf validation
+        raise ConfigError(f"{where}: {config_error_line(exc)}") from None
+
+
+def from_values(cls: type[T], values: dict[str, Any] | None, where: str) -> T:
+    """`cls` built from a plain mapping: unknown keys and wrong types are one-line ConfigErrors naming `where`."""
+    if values is not None and not isinstance(values, dict):
+        raise ConfigError(f"{where} must be a mapping, got {values!r}")
+    try:
+        node = OmegaConf.merge(OmegaConf.structured(cls), values or {})
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"{where}: {config_error_line(exc)}") from None
+    return to_object(node, where)

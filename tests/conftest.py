@@ -2,6 +2,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -44,3 +45,13 @@ def trained_run(tmp_path_factory, dataset, val_dataset) -> Path:
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return run
+
+
+def pytest_collection_modifyitems(config, items):
+    """`gpu` tests need a CUDA device: skipped (with the reason) where there is none; bench/gpu_check.sh runs them."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

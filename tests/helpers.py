@@ -54,7 +54,7 @@ def write_raw_tar(path: Path, samples) -> Path:
 
 def emoji_subset(count: int):
     """`count` twemoji pairs spread over the whole set (every k-th)."""
-    from sdtrain.prep.emoji_images import emoji_pairs
+    from sdtrain.demo.emoji_images import emoji_pairs
 
     every = emoji_pairs()
     return every[:: max(1, len(every) // count)][:count]

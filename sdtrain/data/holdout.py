@@ -9,10 +9,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from sdtrain.data.loader import LatentNormalizer, Tokenizer
-from sdtrain.data.samples import LatentField, SampleError, decode_caption, decode_latent, seeded_generator
+from sdtrain.data.loader import Tokenizer
+from sdtrain.data.normalizer import LatentNormalizer
+from sdtrain.data.samples import LatentField, SampleError, decode_caption, decode_latent
 from sdtrain.data.shards import ShardSet, iter_raw_samples
 from sdtrain.errors import DataError
+from sdtrain.seeding import seeded_generator
 
 log = logging.getLogger(__name__)
 

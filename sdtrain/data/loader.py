@@ -11,7 +11,7 @@ import logging
 import random
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from itertools import count, islice
 from typing import Any, NamedTuple
 
@@ -19,19 +19,19 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from sdtrain.data.plan import EpochPlan, SlotPlan, consumed_per_worker, plan_epoch
+from sdtrain.data.normalizer import LatentNormalizer
+from sdtrain.data.partition import EpochPlan, SlotPlan, consumed_per_worker, plan_epoch
 from sdtrain.data.samples import (
     LatentField,
     SampleError,
     checked_latent,
     decode_caption,
-    decode_latent,
     decode_text,
     posterior_sample,
-    seeded_generator,
 )
 from sdtrain.data.shards import ShardSet, iter_raw_samples
 from sdtrain.errors import DataError
+from sdtrain.seeding import python_rng, seeded_generator
 
 log = logging.getLogger(__name__)
 Tokenizer = Callable[[list[str]], torch.Tensor]
@@ -79,35 +79,6 @@ class Pending(NamedTuple):
     caption: str
     key: str
     text: np.ndarray | None
-
-
-@dataclass(slots=True)
-class LatentNormalizer:
-    """Training latents are (z - shift) * scale; sampling inverts it before the VAE decodes."""
-
-    scale: float = 0.18215
-    shift: list[float] = field(default_factory=lambda: [0.0])
-
-    @classmethod
-    def resolve(cls, cfg: LatentDataConfig, manifest: dict[str, Any]) -> LatentNormalizer:
-        vae = manifest.get("vae") or {}
-        scale = cfg.scaling_factor if cfg.scaling_factor is not None else vae.get("scaling_factor", 0.18215)
-        shift = cfg.shift_factor if cfg.shift_factor is not None else (vae.get("shift_factor") or 0.0)
-        return cls(float(scale), [float(s) for s in (shift if isinstance(shift, list | tuple) else [shift])])
-
-    def _shift(self, like: torch.Tensor | np.ndarray) -> Any:
-        shift = np.asarray(self.shift, dtype=np.float32).reshape(-1, 1, 1)
-        return torch.from_numpy(shift).to(like.device, like.dtype) if isinstance(like, torch.Tensor) else shift
-
-    def normalize(self, z: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
-        return (z - self._shift(z)) * self.scale
-
-    def normalize_(self, z: torch.Tensor) -> torch.Tensor:
-        """normalize() in place, for the loader's own fresh batch tensors."""
-        return z.sub_(self._shift(z)).mul_(self.scale)
-
-    def denormalize(self, x: torch.Tensor) -> torch.Tensor:
-        return x / self.scale + self._shift(x)
 
 
 class LatentStream(IterableDataset):
@@ -241,7 +212,7 @@ class LatentStream(IterableDataset):
         """
         size = self.cfg.shuffle_buffer if self.cfg.shuffle else 0
         for cycle in count():
-            rng = random.Random(f"{self.seed}/{epoch}/{slot}/{cycle}")  # str seeds are stable across processes
+            rng = python_rng(self.seed, epoch, slot, cycle)
             yielded = 0
             for raw in shuffle_buffer(self._one_pass(slot_plan), size, rng):
                 yielded += 1
@@ -276,26 +247,3 @@ def build_dataloader(stream: LatentStream) -> DataLoader:
         prefetch_factor=cfg.prefetch_factor if cfg.num_workers > 0 else None,
         multiprocessing_context="spawn" if cfg.num_workers > 0 and torch.cuda.is_initialized() else None,
     )
-
-
-def probe_dataset(shard_set: ShardSet, cfg: LatentDataConfig, latent_channels: int) -> tuple[int, ...]:
-    """Check the first sample before training starts; returns the latent shape (C, h, w).
-
-    Problems that would make every sample bad (no caption, wrong channel count) are errors here, with the shard
-    named, instead of thousands of counted skips later.
-    """
-    url = shard_set.shards[0].url
-    problems: list[str] = []
-    raw = next(iter(iter_raw_samples(url, problems.append)), None)
-    if raw is None:
-        raise DataError(problems[0] if problems else f"shard {url} holds no samples")
-    where = f"shard {url}, sample {raw['__key__']!r}"
-    try:
-        field = LatentField.detect(raw, cfg.latent_key)
-        decode_caption(raw)
-        latent = decode_latent(raw, field, latent_channels, torch.Generator().manual_seed(0))
-    except SampleError as exc:
-        if exc.reason == "wrong_channels":
-            raise DataError(f"{where}: {exc} (model.unet.in_channels); wrong dataset or model size?") from None
-        raise DataError(f"{where}: {exc}") from None
-    return tuple(latent.shape)

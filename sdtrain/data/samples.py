@@ -88,12 +88,6 @@ def latent_channels(array: np.ndarray, kind: str) -> int:
     return array.shape[0] // 2 if kind == "moments" else array.shape[0]
 
 
-def seeded_generator(*words: int, device: torch.device | str = "cpu") -> torch.Generator:
-    """A generator seeded by a tuple of ints (hashed, so nearby tuples give unrelated streams)."""
-    seed = int(np.random.SeedSequence(list(words)).generate_state(1, dtype=np.uint64)[0] >> 1)
-    return torch.Generator(device=device).manual_seed(seed)
-
-
 def posterior_sample(array: np.ndarray, kind: str, generator: torch.Generator) -> torch.Tensor:
     """z ~ N(mean, exp(logvar)) for moments (channel axis -3), the latent itself otherwise: float32, unscaled.
     One sample (2C, h, w) or a whole batch (B, 2C, h, w) at once (torch's sampler is ~3x numpy's); in place on

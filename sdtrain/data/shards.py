@@ -17,9 +17,9 @@ from typing import Any
 
 import braceexpand
 from webdataset.gopen import gopen
-from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_iterator
+from webdataset.tariterators import tar_file_iterator
 
-from sdtrain.data.tar_reader import iter_samples
+from sdtrain.data.tar_reader import group_members, iter_samples, split_member
 from sdtrain.errors import DataError
 
 MANIFEST_NAME = "manifest.json"
@@ -82,9 +82,9 @@ def count_samples(url: str) -> int:
     try:
         with tarfile.open(url, mode="r:") as tar:
             for member in tar:
-                key, _ = base_plus_ext(member.name)
-                if member.isreg() and key is not None and not os.path.basename(key).startswith("__"):
-                    keys.add(key)
+                split = split_member(member.name) if member.isreg() else None
+                if split is not None:
+                    keys.add(split[0])
     except (tarfile.TarError, OSError) as exc:
         raise DataError(f"cannot read shard {url}: {exc}") from None
     return len(keys)
@@ -147,8 +147,7 @@ def iter_raw_samples(url: str, on_error: Callable[[str], None]) -> Iterator[dict
         if head and head not in COMPRESSED_MAGIC:
             yield from iter_samples(stream, url)
         else:
-            files = ({**f, "__url__": url} for f in tar_file_iterator(stream))
-            yield from group_by_keys(files)
+            yield from group_members(((f["fname"], f["data"]) for f in tar_file_iterator(stream)), url)
     except Exception as exc:  # noqa: BLE001 - truncated/corrupt tar: keep what was read, report the rest
         on_error(f"shard {url} is truncated or corrupt: {type(exc).__name__}: {exc}")
     finally:

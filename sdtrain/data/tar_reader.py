@@ -10,7 +10,7 @@ the samples read so far. Compressed shards go through webdataset's general path 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any, BinaryIO
 
 BLOCK = 512
@@ -85,16 +85,26 @@ def iter_members(stream: BinaryIO) -> Iterator[tuple[str, bytes]]:
         yield name.decode("utf-8", "surrogateescape"), payload[:size]
 
 
-def iter_samples(stream: BinaryIO, url: str) -> Iterator[dict[str, Any]]:
+def split_member(name: str) -> tuple[str, str] | None:
+    """(key, extension) of a tar member: the one rule every reader and counter of shards uses (webdataset's:
+    key = the path up to the first dot of the file name, extension lower-cased). None for `__meta__` members and
+    names without an extension, which belong to no sample."""
+    if META.match(name) or ("/" not in name and name.startswith("__") and name.endswith("__")):
+        return None
+    match = KEY_EXT.match(name)
+    if match is None:
+        return None
+    return match.group(1), match.group(2).lower()
+
+
+def group_members(members: Iterable[tuple[str, bytes]], url: str) -> Iterator[dict[str, Any]]:
     """Samples as dicts {"__key__", "__url__", ext: bytes}, consecutive members with one key grouped."""
     current: dict[str, Any] | None = None
-    for name, data in iter_members(stream):
-        if META.match(name) or ("/" not in name and name.startswith("__") and name.endswith("__")):
+    for name, data in members:
+        split = split_member(name)
+        if split is None:
             continue
-        match = KEY_EXT.match(name)
-        if match is None:
-            continue
-        key, ext = match.group(1), match.group(2).lower()
+        key, ext = split
         if current is None or key != current["__key__"]:
             if current is not None:
                 yield current
@@ -104,3 +114,8 @@ def iter_samples(stream: BinaryIO, url: str) -> Iterator[dict[str, Any]]:
         current[ext] = data
     if current is not None:
         yield current
+
+
+def iter_samples(stream: BinaryIO, url: str) -> Iterator[dict[str, Any]]:
+    """The samples of an uncompressed tar stream (the lean reader)."""
+    return group_members(iter_members(stream), url)

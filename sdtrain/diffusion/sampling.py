@@ -13,13 +13,15 @@ import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 from torch import nn
 
+from sdtrain.seeding import image_generator
+
 SCHEDULERS = {"ddim": DDIMScheduler, "euler": EulerDiscreteScheduler, "dpm++": DPMSolverMultistepScheduler}
 
 
 @dataclass(kw_only=True, slots=True)
 class SamplingConfig:
-    prompts: list[str] = field(default_factory=lambda: ["a photo of a cat"])
-    seeds: list[int] = field(default_factory=lambda: [0])
+    prompts: list[str] = field(default_factory=lambda: ["a photo of a cat", "a red apple on a table"])
+    seeds: list[int] = field(default_factory=lambda: [0, 1])
     """One image per (prompt, seed); the grid has a row per prompt."""
     steps: int = 50
     guidance: float = 4.0
@@ -41,7 +43,7 @@ def build_scheduler(sampler: str, train_scheduler_config: dict):  # noqa: ANN201
 
 def initial_noise(seeds: Sequence[int], shape: Sequence[int], device: torch.device) -> torch.Tensor:
     """Per-image CPU generators, so a seed gives the same picture on any device and in any batch."""
-    noise = [torch.randn(tuple(shape), generator=torch.Generator().manual_seed(int(s))) for s in seeds]
+    noise = [torch.randn(tuple(shape), generator=image_generator(s)) for s in seeds]
     return torch.stack(noise).to(device)
 
 

@@ -22,14 +22,16 @@ import numpy as np
 import torch
 from torchvision.utils import make_grid, save_image
 
+from sdtrain.checkpoint.format import WEIGHTS
+from sdtrain.checkpoint.trained import load_trained
 from sdtrain.diffusion.sampling import SCHEDULERS, SamplingConfig
 from sdtrain.errors import ConfigError, command_line
 from sdtrain.evaluate.clip_score import ClipScorer
 from sdtrain.evaluate.fid import InceptionFeatures, fid
 from sdtrain.evaluate.images import mean_colour_images, read_image_folder
 from sdtrain.sample.cli import latent_shape_for, read_prompts, sample_images
-from sdtrain.sample.trained import WEIGHTS, load_trained
 
+GRID = SamplingConfig()  # the CLI's sampling defaults are the training grids' (diffusion/sampling.py)
 log = logging.getLogger("sdtrain.eval")
 
 
@@ -44,9 +46,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--clip-arch", help="open_clip model name for CLIP score, e.g. ViT-H-14")
     parser.add_argument("--clip-weights", help="local OpenCLIP checkpoint for --clip-arch")
     parser.add_argument("--baseline", action="store_true", help="add a flat mean-colour image baseline row")
-    parser.add_argument("--sampler", choices=sorted(SCHEDULERS), default="ddim")
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--guidance", type=float, default=6.0)
+    parser.add_argument("--sampler", choices=sorted(SCHEDULERS), default=GRID.sampler)
+    parser.add_argument("--steps", type=int, default=GRID.steps, help=f"default {GRID.steps}, as training grids")
+    parser.add_argument("--guidance", type=float, default=GRID.guidance, help="CFG scale, as training grids")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--weights", choices=WEIGHTS, default="ema")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

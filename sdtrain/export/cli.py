@@ -13,10 +13,11 @@ import argparse
 import logging
 import sys
 
+from sdtrain.checkpoint.format import WEIGHTS
+from sdtrain.checkpoint.trained import load_trained
 from sdtrain.diffusion.sampling import SCHEDULERS
 from sdtrain.errors import command_line
 from sdtrain.export.diffusers_folder import export_diffusers
-from sdtrain.sample.trained import WEIGHTS, load_trained
 
 log = logging.getLogger("sdtrain.export")
 

@@ -19,22 +19,21 @@ import sys
 import torch
 from safetensors.torch import save_file
 
+from sdtrain.checkpoint.files import load_full_checkpoint
+from sdtrain.checkpoint.format import CONSOLIDATED_EMA, CONSOLIDATED_UNET, find_ema_state, part_state, sdtrain_state
 from sdtrain.errors import CheckpointError, command_line
-from sdtrain.models.ema import find_ema_state
-from sdtrain.models.pretrained import under_prefix
-from sdtrain.training.checkpoint import load_full_checkpoint
 
 log = logging.getLogger("sdtrain.consolidate")
 
 
 def consolidated_tensors(checkpoint: dict, with_ema: bool = True) -> dict[str, torch.Tensor]:
-    unet = under_prefix(checkpoint["state_dict"], "unet.")
+    unet = part_state(checkpoint, "unet")
     if not unet:
         raise CheckpointError("the checkpoint holds no U-Net weights (no 'unet.*' tensors)")
-    tensors = {f"unet.{k}": v.float().contiguous() for k, v in unet.items()}
+    tensors = {f"{CONSOLIDATED_UNET}{k}": v.float().contiguous() for k, v in unet.items()}
     ema = find_ema_state(checkpoint) if with_ema else None
     if ema:
-        tensors.update({f"ema.{k}": v.float().contiguous() for k, v in ema["shadow"].items()})
+        tensors.update({f"{CONSOLIDATED_EMA}{k}": v.float().contiguous() for k, v in ema["shadow"].items()})
     return tensors
 
 
@@ -52,13 +51,13 @@ def main(argv: list[str] | None = None) -> int:
     metadata = {
         "format": "pt",
         "global_step": str(checkpoint.get("global_step", -1)),
-        "sdtrain_spec": json.dumps((checkpoint.get("sdtrain") or {}).get("spec") or {}),
+        "sdtrain_spec": json.dumps(sdtrain_state(checkpoint).get("spec") or {}),
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     tmp = f"{args.out}.tmp-{os.getpid()}"
     save_file(tensors, tmp, metadata=metadata)
     os.replace(tmp, args.out)
-    ema = sum(k.startswith("ema.") for k in tensors)
+    ema = sum(k.startswith(CONSOLIDATED_EMA) for k in tensors)
     log.info(
         "wrote %s: %d U-Net tensors + %d EMA tensors (step %s)",
         args.out,

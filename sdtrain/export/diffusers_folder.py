@@ -23,10 +23,10 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from safetensors.torch import load_file, save_file
 
+from sdtrain.checkpoint.trained import TrainedModel
 from sdtrain.diffusion.sampling import build_scheduler
 from sdtrain.errors import CheckpointError
 from sdtrain.export.ldm import unet_to_ldm
-from sdtrain.sample.trained import TrainedModel
 
 FORMAT = "sdtrain-export/1"
 

@@ -9,6 +9,7 @@ under a temporary name and renamed once complete.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -16,16 +17,24 @@ import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 
+from sdtrain.checkpoint.sharded import TMP_SUFFIX, replace_directory
 from sdtrain.errors import ConfigError
-from sdtrain.training.sharded_checkpoint import TMP_SUFFIX, replace_directory
 
-FSDP_OPTIONS: dict[str, Any] = {
-    "reshard_after_forward": True,
-    "param_dtype": None,
-    "reduce_dtype": None,
-    "process_group_backend": None,
-    "timeout_s": 1800,
-}
+
+@dataclass(kw_only=True, slots=True)
+class FSDPConfig:
+    """strategy=fsdp: FSDP2 `fully_shard` over every rank, per U-Net block."""
+
+    reshard_after_forward: bool = True
+    """Free each block's gathered parameters after its forward (ZeRO-3 like); false = ZeRO-2 like."""
+    param_dtype: str | None = None
+    """null | bfloat16 | float16 | float32: dtype of the gathered parameters for compute."""
+    reduce_dtype: str | None = None
+    """dtype of the gradient reduce-scatter (null = param_dtype)."""
+    process_group_backend: str | None = None
+    timeout_s: int = 1800
+
+
 DTYPES = {None: None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -64,18 +73,14 @@ class FSDP2Strategy(ModelParallelStrategy):
         replace_directory(self, tmp, filepath)
 
 
-def build_fsdp_strategy(options: dict[str, Any]) -> FSDP2Strategy:
-    unknown = sorted(set(options) - set(FSDP_OPTIONS))
-    if unknown:
-        raise ConfigError(f"unknown key strategy.{unknown[0]} (known: {', '.join(sorted(FSDP_OPTIONS))})")
-    o = {**FSDP_OPTIONS, **options}
+def build_fsdp_strategy(cfg: FSDPConfig) -> FSDP2Strategy:
     for key in ("param_dtype", "reduce_dtype"):
-        if o[key] not in DTYPES:
-            raise ConfigError(f"strategy.{key} must be null, float32, bfloat16 or float16, got {o[key]!r}")
+        if getattr(cfg, key) not in DTYPES:
+            raise ConfigError(f"strategy.{key} must be null, float32, bfloat16 or float16, got {getattr(cfg, key)!r}")
     return FSDP2Strategy(
-        reshard_after_forward=bool(o["reshard_after_forward"]),
-        param_dtype=o["param_dtype"],
-        reduce_dtype=o["reduce_dtype"],
-        process_group_backend=o["process_group_backend"],
-        timeout=timedelta(seconds=o["timeout_s"]),
+        reshard_after_forward=cfg.reshard_after_forward,
+        param_dtype=cfg.param_dtype,
+        reduce_dtype=cfg.reduce_dtype,
+        process_group_backend=cfg.process_group_backend,
+        timeout=timedelta(seconds=cfg.timeout_s),
     )

@@ -15,13 +15,13 @@ import sys
 from dataclasses import dataclass
 
 import torch
-from diffusers import UNet2DConditionModel
+from omegaconf import DictConfig
 
-from sdtrain.config import from_conf, to_plain
-from sdtrain.errors import SdtrainError
-from sdtrain.models.diffusers_parts import VAEConfig
-from sdtrain.models.text_encoder import TextEncoderConfig, build_text_tower
-from sdtrain.training.metrics import PEAK_FLOPS, precision_key, unet_training_flops
+from sdtrain.config import config_error_line, to_object
+from sdtrain.errors import SdtrainError, one_line
+from sdtrain.launch.config import CONFIG_ERRORS, compose_config
+from sdtrain.models.builder import ModelConfig, build_model
+from sdtrain.training.metrics import PEAK_FLOPS, precision_key, training_flops_per_image
 
 GIB = 2**30
 SHARDINGS = ("ddp", "zero1", "zero2", "zero3", "fsdp")
@@ -82,25 +82,19 @@ def saved_activation_bytes(unet: torch.nn.Module, latent_shape: tuple[int, ...],
     return total, attention
 
 
-def plan(cfg: object, *, gpu: str, gpus: int, sharding: str, images: float, assumed_mfu: float) -> str:
-    model = to_plain(cfg.model)
-    unet_config = model["unet"]["config"]
+def plan(cfg: DictConfig, *, gpu: str, gpus: int, sharding: str, images: float, assumed_mfu: float) -> str:
+    model_cfg: ModelConfig = to_object(cfg.model, "model")
     precision = str(cfg.trainer.precision)
     half = precision.startswith(("bf16", "16"))
-    with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(unet_config)
-        text = build_text_tower(from_conf(TextEncoderConfig, model["text_encoder"], "model.text_encoder"))
-        from diffusers import AutoencoderKL
-
-        vae = AutoencoderKL.from_config(from_conf(VAEConfig, model["vae"], "model.vae").config)
+    with torch.device("meta"):  # the training builder, random init, nothing allocated
+        parts = build_model(model_cfg, pretrained=False, runtime=False)
+    unet, text, vae = parts.unet, parts.text_encoder, parts.vae
     trainable = sum(p.numel() for p in unet.parameters())
     frozen = sum(p.numel() for p in text.parameters()) + sum(p.numel() for p in vae.parameters())
-    size = unet_config["sample_size"]
-    latent_shape = (unet_config.get("in_channels", 4), size, size)
-    context = unet_config["cross_attention_dim"]
-    unet_flops = unet_training_flops(lambda: UNet2DConditionModel.from_config(unet_config), latent_shape, context)
-    text_flops = 2 * sum(p.numel() for p in text.parameters()) * 77  # forward, one caption
-    flops = unet_flops + text_flops
+    size = unet.config.sample_size
+    latent_shape = (unet.config.in_channels, size, size)
+    context = unet.config.cross_attention_dim
+    flops = training_flops_per_image(unet, latent_shape, text, parts.tokenizer.context_length)
     activations, attention = (b * (0.5 if half else 1.0) for b in saved_activation_bytes(unet, latent_shape, context))
     batch = int(cfg.data.batch_size)
     memory = per_rank_memory(trainable, frozen, activations * batch, sharding=sharding, ranks=gpus, half=half)
@@ -142,17 +136,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilisation")
     parser.add_argument("overrides", nargs="*", help="training overrides (after --)")
     args = parser.parse_args(argv)
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException
-
-    from sdtrain.launch.train import CONF_DIR
-
     try:
-        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-            cfg = compose("train", overrides=args.overrides)
+        cfg = compose_config(args.overrides)
         print(plan(cfg, gpu=args.gpu, gpus=args.gpus, sharding=args.sharding, images=args.images, assumed_mfu=args.mfu))
-    except (SdtrainError, HydraException) as exc:
-        print(f"error: {str(exc).strip().splitlines()[0]}", file=sys.stderr)
+    except SdtrainError as exc:
+        print(f"error: {one_line(exc)}", file=sys.stderr)
+        return 2
+    except CONFIG_ERRORS as exc:
+        print(f"error: {config_error_line(exc)}", file=sys.stderr)
         return 2
     return 0
 

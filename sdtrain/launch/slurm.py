@@ -10,9 +10,11 @@ and a fixed `hydra.run.dir`, so a requeued job continues where the previous one 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import re
 import shlex
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -103,17 +105,13 @@ def render(job: SlurmJob) -> str:
 
 def check_overrides(overrides: list[str]) -> None:
     """Compose the real config with the user's overrides: a typo fails here, not after hours in the queue."""
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    from sdtrain.launch.train import CONF_DIR
+    from sdtrain.config import config_error_line
+    from sdtrain.launch.config import CONFIG_ERRORS, compose_config
 
     try:
-        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-            compose("train", overrides=list(overrides))
-    except (HydraException, OmegaConfBaseException) as exc:
-        raise ConfigError(str(exc).strip().splitlines()[0]) from None
+        compose_config(list(overrides))
+    except CONFIG_ERRORS as exc:
+        raise ConfigError(config_error_line(exc)) from None
 
 
 def submit(job: SlurmJob, script: str) -> str:
@@ -161,6 +159,16 @@ def parse_args(argv: list[str] | None) -> tuple[SlurmJob, bool]:
         overrides=args.overrides,
     )
     return job, args.dry_run
+
+
+def log_placement() -> None:
+    """Where this process runs: one line per rank, so multi-node logs show every rank's place."""
+    keys = ("SLURM_JOB_ID", "SLURM_NODEID", "SLURM_PROCID", "SLURM_LOCALID", "SLURM_RESTART_COUNT")
+    env = {k: os.environ[k] for k in keys if k in os.environ}
+    if env:
+        logging.getLogger("sdtrain").info(
+            "placement: host=%s %s", socket.gethostname(), " ".join(f"{k}={v}" for k, v in env.items())
+        )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,45 +1,55 @@
 """Lightning strategies from `conf/strategy/*`: auto (single device), DDP, DeepSpeed ZeRO 1/2/3 (+ offload)
-(launch/zero.py) and FSDP2 (launch/fsdp.py); gloo on CPU, NCCL on GPU."""
+(launch/zero.py) and FSDP2 (launch/fsdp.py); gloo on CPU, NCCL on GPU. Each strategy's keys and defaults are its
+dataclass; the YAML files are presets over them."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
 from lightning.pytorch.strategies import DDPStrategy, Strategy
 
 from sdtrain.errors import ConfigError
-from sdtrain.launch.fsdp import build_fsdp_strategy
-from sdtrain.launch.zero import build_zero_strategy
-
-DDP_OPTIONS = {
-    "find_unused_parameters",
-    "static_graph",
-    "gradient_as_bucket_view",
-    "process_group_backend",
-    "timeout_s",
-}
+from sdtrain.launch.fsdp import FSDPConfig, build_fsdp_strategy
+from sdtrain.launch.zero import ZeroConfig, build_zero_strategy
 
 
-def build_strategy(cfg: dict[str, Any], trainer: dict[str, Any], batch_size: int) -> Strategy | str:
+@dataclass(kw_only=True, slots=True)
+class AutoStrategyConfig:
+    """strategy=auto: Lightning picks (one device: no distribution)."""
+
+
+@dataclass(kw_only=True, slots=True)
+class DDPConfig:
+    """strategy=ddp: DistributedDataParallel; backend nccl on GPU, gloo on CPU."""
+
+    find_unused_parameters: bool = False
+    gradient_as_bucket_view: bool = True
+    static_graph: bool = False
+    process_group_backend: str | None = None
+    timeout_s: int = 1800
+    """Collective timeout: a rank waiting longer than this for the others fails the run."""
+
+
+StrategyConfig = AutoStrategyConfig | DDPConfig | ZeroConfig | FSDPConfig
+
+
+def build_strategy(cfg: StrategyConfig, trainer: dict[str, Any], batch_size: int) -> Strategy | str:
     """The strategy for `strategy.*`; `trainer` (trainer.* options) and the per-rank `batch_size` are checked
     against it and fill DeepSpeed's config."""
-    options = dict(cfg)
-    name = options.pop("name", "auto")
-    if name == "auto":
-        if options:
-            raise ConfigError(f"strategy=auto takes no options, got {sorted(options)}")
+    if isinstance(cfg, AutoStrategyConfig):
         return "auto"
-    if name == "ddp":
-        unknown = sorted(set(options) - DDP_OPTIONS)
-        if unknown:
-            raise ConfigError(f"unknown key strategy.{unknown[0]} (known: {', '.join(sorted(DDP_OPTIONS))})")
-        timeout_s = options.pop("timeout_s", None)
-        if timeout_s is not None:
-            options["timeout"] = timedelta(seconds=timeout_s)
-        return DDPStrategy(**options)
-    if name == "deepspeed":
-        return build_zero_strategy(options, trainer, batch_size)
-    if name == "fsdp":
-        return build_fsdp_strategy(options)
-    raise ConfigError(f"strategy.name={name!r} is not known (auto, ddp, deepspeed, fsdp)")
+    if isinstance(cfg, DDPConfig):
+        return DDPStrategy(
+            find_unused_parameters=cfg.find_unused_parameters,
+            gradient_as_bucket_view=cfg.gradient_as_bucket_view,
+            static_graph=cfg.static_graph,
+            process_group_backend=cfg.process_group_backend,
+            timeout=timedelta(seconds=cfg.timeout_s),
+        )
+    if isinstance(cfg, ZeroConfig):
+        return build_zero_strategy(cfg, trainer, batch_size)
+    if isinstance(cfg, FSDPConfig):
+        return build_fsdp_strategy(cfg)
+    raise ConfigError(f"strategy: unknown kind {type(cfg).__name__} (auto, ddp, deepspeed_zero1/2/3, fsdp)")

@@ -12,7 +12,9 @@ written under a temporary name and renamed when every rank has finished, like si
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -20,31 +22,42 @@ import torch
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.strategies import DeepSpeedStrategy
 
+from sdtrain.checkpoint.sharded import TMP_SUFFIX, replace_directory
 from sdtrain.errors import ConfigError
-from sdtrain.training.sharded_checkpoint import TMP_SUFFIX, replace_directory
-
-ZERO_OPTIONS: dict[str, Any] = {
-    "stage": 2,
-    "offload_optimizer": False,
-    "offload_parameters": False,
-    "offload_device": "cpu",
-    "nvme_path": None,
-    "pin_memory": True,
-    "overlap_comm": True,
-    "contiguous_gradients": True,
-    "allgather_bucket_size": 200_000_000,
-    "reduce_bucket_size": 200_000_000,
-    "stage3_prefetch_bucket_size": 50_000_000,
-    "stage3_param_persistence_threshold": 100_000,
-    "stage3_max_live_parameters": 1_000_000_000,
-    "process_group_backend": None,
-    "timeout_s": 1800,
-}
 
 
-def zero_config(options: dict[str, Any], micro_batch_size: int) -> dict[str, Any]:
+@dataclass(kw_only=True, slots=True)
+class ZeroConfig:
+    """strategy=deepspeed_zero1|2|3|3_offload: DeepSpeed's `zero_optimization` block, one key for one key."""
+
+    stage: int = 2
+    """1: optimizer states sharded; 2: + gradients; 3: + parameters."""
+    offload_optimizer: bool = False
+    """Optimizer states + step on the CPU (DeepSpeedCPUAdam)."""
+    offload_parameters: bool = False
+    """Stage 3 only: parameters live on the CPU between uses."""
+    offload_device: str = "cpu"
+    """cpu | nvme (then nvme_path)."""
+    nvme_path: str | None = None
+    pin_memory: bool = True
+    """Pinned host buffers for offload (CUDA only)."""
+    overlap_comm: bool = True
+    contiguous_gradients: bool = True
+    allgather_bucket_size: int = 200_000_000
+    reduce_bucket_size: int = 200_000_000
+    """Elements per reduce bucket: size to the model (a small model with 2e8 preallocates ~760 MiB at ZeRO-3)."""
+    stage3_prefetch_bucket_size: int = 50_000_000
+    stage3_param_persistence_threshold: int = 100_000
+    """Stage 3: parameters smaller than this stay whole on every rank."""
+    stage3_max_live_parameters: int = 1_000_000_000
+    process_group_backend: str | None = None
+    """nccl on GPU, gloo on CPU."""
+    timeout_s: int = 1800
+
+
+def zero_config(cfg: ZeroConfig, micro_batch_size: int) -> dict[str, Any]:
     """DeepSpeed's config dict for `strategy.*` (already checked by `check_zero_options`)."""
-    o = {**ZERO_OPTIONS, **options}
+    o = dataclasses.asdict(cfg)
     zero: dict[str, Any] = {
         "stage": o["stage"],
         "overlap_comm": o["overlap_comm"],
@@ -73,12 +86,9 @@ def zero_config(options: dict[str, Any], micro_batch_size: int) -> dict[str, Any
     }
 
 
-def check_zero_options(options: dict[str, Any], trainer: dict[str, Any]) -> None:
+def check_zero_options(cfg: ZeroConfig, trainer: dict[str, Any]) -> None:
     """Every combination DeepSpeed would reject (or silently mis-run) fails here, in one line, before any work."""
-    unknown = sorted(set(options) - set(ZERO_OPTIONS))
-    if unknown:
-        raise ConfigError(f"unknown key strategy.{unknown[0]} (known: {', '.join(sorted(ZERO_OPTIONS))})")
-    o = {**ZERO_OPTIONS, **options}
+    o = dataclasses.asdict(cfg)
     stage = o["stage"]
     if stage not in (1, 2, 3):
         raise ConfigError(f"strategy.stage must be 1, 2 or 3 for DeepSpeed ZeRO, got {stage!r}")
@@ -167,11 +177,10 @@ class ZeroStrategy(DeepSpeedStrategy):
         replace_directory(self, tmp, filepath)
 
 
-def build_zero_strategy(options: dict[str, Any], trainer: dict[str, Any], micro_batch_size: int) -> ZeroStrategy:
-    check_zero_options(options, trainer)
-    o = {**ZERO_OPTIONS, **options}
+def build_zero_strategy(cfg: ZeroConfig, trainer: dict[str, Any], micro_batch_size: int) -> ZeroStrategy:
+    check_zero_options(cfg, trainer)
     return ZeroStrategy(
-        config=zero_config(options, micro_batch_size),
-        process_group_backend=o["process_group_backend"],
-        timeout=timedelta(seconds=o["timeout_s"]),
+        config=zero_config(cfg, micro_batch_size),
+        process_group_backend=cfg.process_group_backend,
+        timeout=timedelta(seconds=cfg.timeout_s),
     )

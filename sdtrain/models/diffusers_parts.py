@@ -11,7 +11,7 @@ from typing import Any
 from diffusers import AutoencoderKL, UNet2DConditionModel
 
 from sdtrain.errors import CheckpointError, ConfigError
-from sdtrain.models.pretrained import load_matching, model_folder, read_weights, unet_state
+from sdtrain.models.pretrained import WeightsReader, load_matching, model_folder, read_weights, unet_state
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ def _from_config(cls: type, config: dict[str, Any], where: str) -> Any:
         raise ConfigError(f"{where}.config: {exc}") from None
 
 
-def build_unet(cfg: UNetConfig) -> UNet2DConditionModel:
+def build_unet(cfg: UNetConfig, read: WeightsReader = read_weights) -> UNet2DConditionModel:
     folder = _folder(cfg.pretrained, "unet", "model.unet.pretrained") if cfg.pretrained else None
     if folder:
         unet = UNet2DConditionModel.from_pretrained(folder, local_files_only=True, low_cpu_mem_usage=False)
@@ -62,17 +62,17 @@ def build_unet(cfg: UNetConfig) -> UNet2DConditionModel:
     else:
         unet = _from_config(UNet2DConditionModel, cfg.config, "model.unet")
         if cfg.pretrained:
-            load_matching(unet, unet_state(cfg.pretrained, dict(unet.config)), cfg.pretrained, "model.unet")
+            load_matching(unet, unet_state(cfg.pretrained, dict(unet.config), read), cfg.pretrained, "model.unet")
     return unet
 
 
-def build_vae(cfg: VAEConfig) -> AutoencoderKL:
+def build_vae(cfg: VAEConfig, read: WeightsReader = read_weights) -> AutoencoderKL:
     folder = _folder(cfg.pretrained, "vae", "model.vae.pretrained") if cfg.pretrained else None
     if folder:
         vae = AutoencoderKL.from_pretrained(folder, local_files_only=True, low_cpu_mem_usage=False)
     else:
         vae = _from_config(AutoencoderKL, cfg.config, "model.vae")
         if cfg.pretrained:
-            load_matching(vae, read_weights(cfg.pretrained), cfg.pretrained, "model.vae")
+            load_matching(vae, read(cfg.pretrained), cfg.pretrained, "model.vae")
     vae.requires_grad_(False)
     return vae.eval()

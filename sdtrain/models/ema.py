@@ -7,32 +7,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
 
 from sdtrain.models.sharded import full_shape, gather_full, local_part, local_shard, refresh_gathered
-
-
-@dataclass(kw_only=True, slots=True)
-class EMAConfig:
-    enabled: bool = True
-    decay: float = 0.9999
-    """Target decay. Short CPU runs want ~0.99-0.999: decay d keeps d**n of the weights from n updates ago."""
-    warmup: int = 10
-    """Effective decay is min(decay, (1 + n) / (warmup + n)) after n updates; 0 = constant decay."""
-    start_step: int = 0
-    """Before this global step the EMA just copies the weights."""
-    update_every: int = 1
-    """Update every this many optimizer steps (the decay is applied per update, not per step)."""
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.decay < 1.0:
-            raise ValueError(f"decay must be in [0, 1), got {self.decay}")
-        if self.update_every < 1 or self.warmup < 0 or self.start_step < 0:
-            raise ValueError("update_every must be >= 1; warmup and start_step >= 0")
 
 
 def ema_decay(num_updates: int, decay: float, warmup: int) -> float:
@@ -101,11 +80,3 @@ class EMAWeights:
             shadow.append(local_part(p, full.to(current.device, torch.float32)).to(current.device, torch.float32))
         self.shadow = shadow
         self.num_updates = int(state["num_updates"])
-
-
-def find_ema_state(checkpoint: dict[str, Any]) -> dict[str, Any] | None:
-    """The EMA callback's state in a Lightning checkpoint ({"shadow": {param name: tensor}, ...}) or None."""
-    for key, state in (checkpoint.get("callbacks") or {}).items():
-        if str(key).startswith("EMACallback") and isinstance(state, dict) and state.get("shadow"):
-            return state
-    return None

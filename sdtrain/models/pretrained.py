@@ -1,8 +1,9 @@
 """Start from pretrained weights: a local diffusers folder, an sdtrain export, or a single weights file.
 
-Single files may be diffusers-named (`conv_in.weight`), original ldm/SD checkpoints (`model.diffusion_model.*`,
-mapped by diffusers' own `convert_ldm_unet_checkpoint`), or an sdtrain training checkpoint (EMA weights when it
-has them). Every load reports what it matched; a tensor of the wrong shape (wrong model size) is a ConfigError.
+Single files may be diffusers-named (`conv_in.weight`) or original ldm/SD checkpoints (`model.diffusion_model.*`,
+mapped by diffusers' own `convert_ldm_unet_checkpoint`); sdtrain's own checkpoints are read through
+sdtrain.checkpoint.weights, which the launcher hands to the model builder (models/builder.py). Every load
+reports what it matched; a tensor of the wrong shape (wrong model size) is a ConfigError.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import logging
 import os
 import pickle
 import zipfile
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -20,9 +22,9 @@ from safetensors.torch import load_file
 from torch import nn
 
 from sdtrain.errors import CheckpointError, ConfigError, first_line
-from sdtrain.models.ema import find_ema_state
 
 log = logging.getLogger(__name__)
+WeightsReader = Callable[[str], dict[str, torch.Tensor]]
 
 
 def model_folder(path: str, part: str) -> str | None:
@@ -33,47 +35,38 @@ def model_folder(path: str, part: str) -> str | None:
     return None
 
 
-def under_prefix(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    """The tensors whose names start with `prefix`, with it removed ("unet.conv_in.weight" -> "conv_in.weight")."""
-    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-
-
-def _consolidated_unet(state: dict[str, torch.Tensor], path: str) -> dict[str, torch.Tensor]:
-    """`sdtrain-consolidate` output (`unet.*` + `ema.*`) -> its EMA U-Net weights (raw ones if it has no EMA)."""
-    if not any(k.startswith("unet.") for k in state) or not all(k.startswith(("unet.", "ema.")) for k in state):
-        return state
-    ema = under_prefix(state, "ema.")
-    log.info("%s is an sdtrain-consolidate file: using its %s U-Net weights", path, "EMA" if ema else "raw")
-    return ema or under_prefix(state, "unet.")
-
-
-def read_weights(path: str) -> dict[str, torch.Tensor]:
-    """A flat {name: tensor} from .safetensors / .ckpt / .pt / .bin; CheckpointError if unreadable."""
+def load_weights_file(path: str) -> Any:
+    """What a .safetensors / .ckpt / .pt / .bin file holds (a dict of tensors, or a checkpoint dict); unsafe
+    pickles are refused (weights_only=True). CheckpointError if unreadable."""
     if not os.path.isfile(path):
         raise CheckpointError(f"weights file not found: {path}")
     try:
         if path.endswith(".safetensors"):
-            return _consolidated_unet(load_file(path), path)
-        data: Any = torch.load(path, map_location="cpu", weights_only=True)
+            return load_file(path)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except (SafetensorError, RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile) as exc:
         first = first_line(exc)
         raise CheckpointError(f"weights file {path} is unreadable: {first}") from None
+
+
+def flat_tensors(data: Any, path: str) -> dict[str, torch.Tensor]:
+    """A flat {name: tensor} from a loaded weights file (a checkpoint's `state_dict` when it has one)."""
     if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
-        ema = find_ema_state(data)
-        state = data["state_dict"]
-        if any(k.startswith("unet.") for k in state):  # an sdtrain training checkpoint
-            log.info("%s is an sdtrain checkpoint: using its %s U-Net weights", path, "EMA" if ema else "raw")
-            unet = ema["shadow"] if ema else under_prefix(state, "unet.")
-            return {**{k: v for k, v in state.items() if not k.startswith("unet.")}, **unet}
-        data = state
+        data = data["state_dict"]
     if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
         raise CheckpointError(f"weights file {path} does not hold a flat dict of tensors")
     return data
 
 
-def unet_state(path: str, config: dict[str, Any]) -> dict[str, torch.Tensor]:
+def read_weights(path: str) -> dict[str, torch.Tensor]:
+    """A flat {name: tensor} from a released-format file (diffusers or original SD names). sdtrain's own files
+    (training checkpoints, consolidated U-Nets) are read by sdtrain.checkpoint.weights.read_weights."""
+    return flat_tensors(load_weights_file(path), path)
+
+
+def unet_state(path: str, config: dict[str, Any], read: WeightsReader = read_weights) -> dict[str, torch.Tensor]:
     """U-Net tensors under diffusers names from any supported single file."""
-    state = read_weights(path)
+    state = read(path)
     if any(k.startswith(LDM_UNET_KEY) for k in state):
         log.info("%s has original SD (ldm) names: converting with diffusers' convert_ldm_unet_checkpoint", path)
         return convert_ldm_unet_checkpoint(state, config)

@@ -22,14 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from sdtrain.data.samples import (
-    LatentField,
-    SampleError,
-    checked_latent,
-    decode_caption,
-    decode_text,
-    latent_channels,
-)
+from sdtrain.data.normalizer import SD_SCALING_FACTOR
+from sdtrain.data.samples import LatentField, SampleError, checked_latent, decode_caption, decode_text, latent_channels
 from sdtrain.data.shards import ShardSet, iter_raw_samples, resolve_shards
 from sdtrain.errors import command_line
 
@@ -117,7 +111,7 @@ def summarise(report: Report, shard_set: ShardSet) -> None:
     if report.channel_count:
         mean = report.channel_sum / report.channel_count
         std = np.sqrt(np.maximum(report.channel_sq / report.channel_count - mean**2, 0.0))
-        scale = float((manifest.get("vae") or {}).get("scaling_factor") or 0.18215)
+        scale = float((manifest.get("vae") or {}).get("scaling_factor") or SD_SCALING_FACTOR)
         pooled = float(np.sqrt(np.mean(std**2 + (mean - mean.mean()) ** 2)))
         report.stats.update(channel_mean=mean.round(4).tolist(), channel_std=std.round(4).tolist())
         report.stats["scaled_std"] = round(pooled * scale, 4)

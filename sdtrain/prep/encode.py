@@ -16,7 +16,6 @@ import glob
 import json
 import logging
 import os
-import random
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -24,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from sdtrain.data.normalizer import SD_SCALING_FACTOR
 from sdtrain.data.samples import SampleError
 from sdtrain.data.shards import MANIFEST_NAME
 from sdtrain.errors import ConfigError, DataError
@@ -31,6 +31,7 @@ from sdtrain.prep.filters import FilterConfig, rejection
 from sdtrain.prep.images import decode_image, nearest_bucket, resize_and_crop
 from sdtrain.prep.shard_writer import LatentSample, ShardSink, manifest, write_json_atomic
 from sdtrain.prep.sources import InputPart, RawSample, iter_part, plan_parts
+from sdtrain.seeding import python_rng
 
 log = logging.getLogger(__name__)
 PARTS_DIR = "parts"
@@ -141,7 +142,7 @@ def prepare_sample(raw: RawSample, cfg: EncodeConfig) -> tuple[np.ndarray, str, 
         raise SampleError(f"filtered:{dropped}", "")
     buckets = [tuple(b) for b in cfg.buckets] if cfg.buckets else [(cfg.resolution, cfg.resolution)]
     bucket = nearest_bucket(image.width, image.height, buckets) if len(buckets) > 1 else buckets[0]
-    rng = random.Random(f"{cfg.seed}:{raw.key}")
+    rng = python_rng(cfg.seed, raw.key)
     pixels, crop = resize_and_crop(image, bucket, random_crop=cfg.random_crop, rng=rng)
     laion = {k: raw.meta[k] for k in ("url", "aesthetic", "punsafe", "similarity", "pwatermark") if k in raw.meta}
     meta = {**crop.meta(), **laion, **({"bucket": list(bucket)} if cfg.buckets else {})}
@@ -238,7 +239,7 @@ def merge(cfg: EncodeConfig, parts: list[InputPart]) -> dict[str, Any] | None:
         latent_shape=first_shape,
         vae={
             "name": os.path.basename(os.path.normpath(cfg.vae)),
-            "scaling_factor": vae_config.get("scaling_factor", 0.18215),
+            "scaling_factor": vae_config.get("scaling_factor", SD_SCALING_FACTOR),
             "shift_factor": vae_config.get("shift_factor"),
             "latent_channels": vae_config.get("latent_channels"),
         },

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from sdtrain.config import from_conf
+from sdtrain.config import from_values
 from sdtrain.errors import ConfigError, command_line
 from sdtrain.prep.encode import EncodeConfig, Encoder, encode_part, merge, my_parts
 from sdtrain.prep.filters import FilterConfig
@@ -90,7 +90,7 @@ def parse_args(argv: list[str] | None) -> tuple[EncodeConfig, bool]:
             text_encoder = json.loads(a.text_encoder)
         except json.JSONDecodeError as exc:
             raise ConfigError(f"--text-encoder is not JSON: {exc}") from None
-    filter_cfg = from_conf(
+    filter_cfg = from_values(
         FilterConfig,
         {
             k: getattr(a, k)
@@ -126,7 +126,7 @@ def parse_args(argv: list[str] | None) -> tuple[EncodeConfig, bool]:
         "device": a.device,
         "text_encoder": text_encoder,
     }
-    cfg = from_conf(EncodeConfig, values, "encode")
+    cfg = from_values(EncodeConfig, values, "encode")
     cfg.filters = filter_cfg
     return cfg, a.merge_only
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from sdtrain.data.normalizer import SD_SCALING_FACTOR
 from sdtrain.data.shards import MANIFEST_FORMAT, MANIFEST_NAME
 
 
@@ -126,7 +127,7 @@ def manifest(
     return {
         "format": MANIFEST_FORMAT,
         "version": 1,
-        "vae": vae or {"name": "unknown", "scaling_factor": 0.18215, "latent_channels": None},
+        "vae": vae or {"name": "unknown", "scaling_factor": SD_SCALING_FACTOR, "latent_channels": None},
         "latent_shape": latent_shape,
         "stores": stores,
         "text_encoder": text_encoder,

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sdtrain.data.shards import COMPRESSED_MAGIC
-from sdtrain.data.tar_reader import TarDamage, iter_members
+from sdtrain.data.tar_reader import TarDamage, iter_members, split_member
 from sdtrain.errors import DataError
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp")
@@ -99,12 +99,14 @@ def _iter_tar(path: str, on_error: Callable[[str], None]) -> Iterator[RawSample]
     current: RawSample | None = None
     try:
         for name, data in _tar_members(path):
-            key, _, ext = os.path.basename(name).partition(".")
+            split = split_member(name)
+            if split is None:
+                continue
+            key, ext = split
             if current is not None and key != current.key:
                 yield current
                 current = None
             current = current or RawSample(key, None, None)
-            ext = ext.lower()
             if ext in IMAGE_EXTENSIONS and current.image is None:
                 current.image = data
             elif ext == "txt":

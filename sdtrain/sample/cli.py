@@ -21,10 +21,12 @@ import torch
 from torchvision.utils import make_grid, save_image
 from tqdm import tqdm
 
+from sdtrain.checkpoint.format import WEIGHTS
+from sdtrain.checkpoint.trained import TrainedModel, load_trained
 from sdtrain.diffusion.sampling import SCHEDULERS, SamplingConfig, generate
 from sdtrain.errors import ConfigError, command_line
-from sdtrain.sample.trained import WEIGHTS, TrainedModel, load_trained
 
+GRID = SamplingConfig()  # the CLI's sampling defaults are the training grids' (diffusion/sampling.py)
 log = logging.getLogger("sdtrain.sample")
 
 
@@ -112,9 +114,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--prompts-file", help="a UTF-8 text file, one prompt per line")
     parser.add_argument("--out", default="samples", help="output folder (default: samples)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="one image per prompt and seed")
-    parser.add_argument("--sampler", choices=sorted(SCHEDULERS), default="ddim")
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--guidance", type=float, default=6.0, help="CFG scale; 1 = conditional only")
+    parser.add_argument("--sampler", choices=sorted(SCHEDULERS), default=GRID.sampler)
+    parser.add_argument("--steps", type=int, default=GRID.steps, help=f"default {GRID.steps}, as training grids")
+    parser.add_argument("--guidance", type=float, default=GRID.guidance, help="CFG scale; 1 = conditional only")
     parser.add_argument("--negative-prompt", default="")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--height", type=int, help="pixels (default: the training size)")

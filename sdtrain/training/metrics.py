@@ -65,9 +65,28 @@ def unet_training_flops(
         return count_flops(lambda: unet(latents, timesteps, encoder_hidden_states=context).sample)
 
 
-def text_encoder_flops(text_encoder: nn.Module, tokens: torch.Tensor) -> int:
-    """Forward FLOPs of the frozen text encoder for one caption (its real module: it has no meta-device build)."""
-    return count_flops(lambda: text_encoder(tokens[:1]), backward=False)
+def text_encoder_flops(text_encoder: nn.Module, context_length: int) -> int:
+    """Forward FLOPs of the frozen text encoder for one caption, on whatever device it is (meta included)."""
+    device = next(text_encoder.parameters()).device
+    tokens = torch.zeros(1, context_length, dtype=torch.long, device=device)
+    return count_flops(lambda: text_encoder(tokens), backward=False)
+
+
+def training_flops_per_image(
+    unet: nn.Module, latent_shape: tuple[int, ...], text_encoder: nn.Module, context_length: int
+) -> int:
+    """What one training image costs: U-Net forward + backward and the frozen text encoder's forward. The one
+    count behind MFU in training (callbacks/throughput.py) and in the planner (sdtrain-plan)."""
+    from diffusers import UNet2DConditionModel
+
+    config = dict(unet.config)
+    unet_flops = unet_training_flops(
+        lambda: UNet2DConditionModel.from_config(config),
+        tuple(latent_shape),
+        config["cross_attention_dim"],
+        context_length,
+    )
+    return unet_flops + text_encoder_flops(text_encoder, context_length)
 
 
 def mfu(flops_per_image: float, images_per_second: float, peak: float | None) -> float | None:

@@ -17,19 +17,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from sdtrain.data.loader import LatentNormalizer, Tokenizer
-from sdtrain.data.samples import seeded_generator
+from sdtrain.checkpoint.format import SDTRAIN_KEY, sdtrain_state
+from sdtrain.data.loader import Tokenizer
+from sdtrain.data.normalizer import LatentNormalizer
 from sdtrain.diffusion.objective import DiffusionObjective
 from sdtrain.errors import CheckpointError, SdtrainError
+from sdtrain.seeding import get_rng_state, set_rng_state, step_generator
 from sdtrain.training.optim import OptimConfig, build_optimizer
-from sdtrain.training.rng import get_rng_state, set_rng_state
 
 log = logging.getLogger(__name__)
-
-
-def step_generator(seed: int, rank: int, step: int, micro_batch: int, device: torch.device) -> torch.Generator:
-    """The generator for the noise and timesteps of one micro-batch: a pure function of where it is in training."""
-    return seeded_generator(seed, rank, step, micro_batch, device=device)
 
 
 class LatentDiffusionModule(L.LightningModule):
@@ -64,7 +60,7 @@ class LatentDiffusionModule(L.LightningModule):
         self._pending_rng: dict[str, Any] | None = None
         self.run_metadata: dict[str, Any] = {}  # saved with checkpoints (e.g. the W&B run id)
         self._empty_context: torch.Tensor | None = None  # the frozen encoder's states for "", made once
-        self.spec: dict[str, Any] = {}  # how to rebuild the model from the checkpoint alone (training/spec.py)
+        self.spec: dict[str, Any] = {}  # how to rebuild the model from the checkpoint alone (checkpoint/spec.py)
 
     def forward(self, noisy: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         return self.unet(noisy, timesteps, encoder_hidden_states=context).sample
@@ -149,7 +145,7 @@ class LatentDiffusionModule(L.LightningModule):
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             states = [None] * dist.get_world_size()
             dist.all_gather_object(states, get_rng_state())
-        checkpoint["sdtrain"] = {
+        checkpoint[SDTRAIN_KEY] = {
             "latent_shape": list(self.latent_shape),
             "skipped": dict(self.skipped),
             "nonfinite_skips": self.nonfinite_skips,
@@ -159,7 +155,7 @@ class LatentDiffusionModule(L.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        state = checkpoint.get("sdtrain", {})
+        state = sdtrain_state(checkpoint)
         self.skipped = Counter(state.get("skipped", {}))
         self.nonfinite_skips = int(state.get("nonfinite_skips", 0))
         saved = state.get("latent_shape")

@@ -16,7 +16,7 @@ import pytest
 import torch
 from helpers import run_train
 
-from sdtrain.training.checkpoint import load_full_checkpoint
+from sdtrain.checkpoint.files import load_full_checkpoint
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 STRATEGIES = ["ddp", "deepspeed_zero2", "deepspeed_zero3", "deepspeed_zero3_offload", "fsdp"]
@@ -118,7 +118,7 @@ def test_weights_and_ema_match_ddp(straight, strategy):
 def test_consolidate_and_sample_a_zero3_checkpoint(tmp_path, straight):
     from safetensors.torch import load_file
 
-    from sdtrain.models.pretrained import read_weights
+    from sdtrain.checkpoint.weights import read_weights
 
     ckpt = straight["deepspeed_zero3"] / "checkpoints" / "last.ckpt"
     out = tmp_path / "unet.safetensors"

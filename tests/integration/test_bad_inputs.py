@@ -28,8 +28,9 @@ CASES = {
     "nonexistent": (["data.shards='/nonexistent/{000000..000003}.tar'"], "shard not found: /nonexistent/000000.tar"),
     "wrong_channels": (["model.unet.config.in_channels=8"], "4 latent channels, model expects 8"),
     "unknown_key_plus": (["+data.colour=red"], "unknown key data.colour"),
-    "unknown_key": (["data.colour=red"], "Key 'colour' is not in struct"),
-    "bad_type": (["optim.lr=fast"], "optim.lr must be a number"),
+    "unknown_key": (["data.colour=red"], "Key 'colour' not in 'LatentDataConfig'"),
+    "bad_type": (["optim.lr=fast"], "Value 'fast' of type 'str' could not be converted to Float"),
+    "bad_nested_value": (["callbacks.ema.decay=2"], "callbacks: decay must be in [0, 1), got 2.0"),
     "missing_resume": (["resume=/nonexistent/last.ckpt"], "resume checkpoint not found: /nonexistent/last.ckpt"),
     "max_steps": (["trainer.max_steps=0"], "trainer.max_steps must be >= 1"),
     # strategies and attention: refused before any process starts
@@ -62,9 +63,10 @@ def test_bad_input_gives_one_clear_line(tmp_path, dataset, case):
         if case != "max_steps"
         else run_train(tmp_path / "run", *args, *overrides, timeout=120)
     )
-    assert result.returncode != 0
+    assert result.returncode == 2
     assert "Traceback" not in result.stderr
-    assert message in result.stderr, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and message in last, result.stderr[-2000:]
 
 
 def test_missing_caption_names_the_shard_and_sample(tmp_path):

@@ -14,13 +14,14 @@ import torch
 from helpers import REPO, emoji_raw_tars, emoji_subset, write_raw_tar
 from PIL import Image
 
-from sdtrain.data.loader import LatentDataConfig, LatentNormalizer, LatentStream
+from sdtrain.data.loader import LatentDataConfig, LatentStream
+from sdtrain.data.normalizer import LatentNormalizer
 from sdtrain.data.shards import resolve_shards
+from sdtrain.demo.emoji_images import emoji_pairs, load_pixels
+from sdtrain.demo.vae_training import VAETrainConfig, psnr, train_vae
 from sdtrain.models.text_encoder import build_tokenizer
 from sdtrain.prep.doctor import main as doctor_main
-from sdtrain.prep.emoji_images import emoji_pairs, load_pixels
 from sdtrain.prep.encode_cli import main as encode_main
-from sdtrain.prep.vae_training import VAETrainConfig, psnr, train_vae
 
 pytestmark = pytest.mark.slow
 
@@ -201,8 +202,8 @@ def test_sigkill_then_rerun_equals_an_uninterrupted_run_and_ranks_are_disjoint(t
 def test_doctor_flags_unnormalised_pixels_and_broken_sets(tmp_path, vae_dir, capsys):
     from diffusers import AutoencoderKL
 
+    from sdtrain.demo.vae_training import encode_moments
     from sdtrain.prep.shard_writer import LatentSample, write_shards
-    from sdtrain.prep.vae_training import encode_moments
 
     vae = AutoencoderKL.from_pretrained(vae_dir)
     pairs = emoji_pairs()[::11][:48]

@@ -9,9 +9,9 @@ import pytest
 import torch
 from helpers import REPO, run_train
 
+from sdtrain.checkpoint.trained import load_trained
 from sdtrain.evaluate.cli import main as eval_main
 from sdtrain.export.diffusers_folder import export_diffusers
-from sdtrain.sample.trained import load_trained
 
 pytestmark = pytest.mark.slow
 

@@ -24,7 +24,7 @@ QUIET = [
 KILL_DURING_SAVE = textwrap.dedent(
     """
     import io, os, signal, sys, torch
-    import sdtrain.training.checkpoint as ckpt
+    import sdtrain.checkpoint.files as ckpt
     real_save, calls = torch.save, [0]
     def dying_save(obj, f, *a, **k):
         calls[0] += 1

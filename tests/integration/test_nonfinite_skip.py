@@ -49,13 +49,13 @@ from test_step_reference import _batches, tiny_module
 from torch.utils.data import DataLoader
 from sdtrain.diffusion.objective import DiffusionConfig
 from sdtrain.errors import SdtrainError
-from sdtrain.launch.zero import build_zero_strategy
+from sdtrain.launch.zero import ZeroConfig, build_zero_strategy
 from sdtrain.training.optim import OptimConfig
 
 batches = _batches(4)
 batches[1]["latents"][0, 0, 0, 0] = float("nan")
 module = tiny_module(DiffusionConfig(), OptimConfig(lr=1e-3, warmup_steps=0))
-strategy = build_zero_strategy({"stage": 2}, {"accelerator": "cpu"}, micro_batch_size=2)
+strategy = build_zero_strategy(ZeroConfig(stage=2), {"accelerator": "cpu"}, micro_batch_size=2)
 trainer = L.Trainer(accelerator="cpu", devices=1, strategy=strategy, max_steps=4, logger=False,
                     enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
 try:

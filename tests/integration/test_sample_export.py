@@ -10,14 +10,14 @@ from conftest import SHIFT
 from diffusers import UNet2DConditionModel
 from helpers import REPO
 
+from sdtrain.checkpoint.files import load_checkpoint_file
+from sdtrain.checkpoint.format import find_ema_state
+from sdtrain.checkpoint.trained import load_trained
 from sdtrain.diffusion.sampling import SamplingConfig, build_scheduler, initial_noise
 from sdtrain.export.diffusers_folder import export_diffusers, import_diffusers
 from sdtrain.export.pipeline import load_pipeline
-from sdtrain.models.ema import find_ema_state
 from sdtrain.sample.cli import main as sample_main
 from sdtrain.sample.cli import sample_images
-from sdtrain.sample.trained import load_trained
-from sdtrain.training.checkpoint import load_checkpoint_file
 
 pytestmark = pytest.mark.slow
 PAIRS = [("grinning face 0", 0), ("red apple 1", 1), ("blue car 2", 2), ("grinning face 0", 7)]

@@ -7,11 +7,12 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from sdtrain.data.loader import LatentNormalizer
+from sdtrain.data.normalizer import LatentNormalizer
 from sdtrain.diffusion.objective import DiffusionConfig, DiffusionObjective
 from sdtrain.models.diffusers_parts import UNetConfig, VAEConfig, build_unet, build_vae
 from sdtrain.models.text_encoder import TextEncoderConfig, build_text_encoder, build_tokenizer
-from sdtrain.training.module import LatentDiffusionModule, step_generator
+from sdtrain.seeding import step_generator
+from sdtrain.training.module import LatentDiffusionModule
 from sdtrain.training.optim import OptimConfig, build_optimizer
 
 pytestmark = pytest.mark.slow

@@ -7,7 +7,8 @@ import pytest
 import torch
 from helpers import emoji_raw_tars, run_train
 
-from sdtrain.data.loader import LatentDataConfig, LatentNormalizer, LatentStream
+from sdtrain.data.loader import LatentDataConfig, LatentStream
+from sdtrain.data.normalizer import LatentNormalizer
 from sdtrain.data.shards import resolve_shards
 from sdtrain.models.text_encoder import TextEncoderConfig, build_text_encoder, build_tokenizer
 from sdtrain.prep.encode_cli import main as encode_main
@@ -19,13 +20,11 @@ TINY_TEXT = {"width": 128, "heads": 4, "layers": 3}  # conf/model/tiny.yaml's te
 @pytest.fixture(scope="module")
 def random_vae(tmp_path_factory):
     from diffusers import AutoencoderKL
-    from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from sdtrain.launch.train import CONF_DIR
+    from sdtrain.launch.config import compose_config
 
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        config = OmegaConf.to_container(compose("train").model.vae.config)
+    config = OmegaConf.to_container(compose_config([]).model.vae.config)
     folder = tmp_path_factory.mktemp("vae") / "vae"
     AutoencoderKL.from_config(config).save_pretrained(folder)
     return str(folder)

@@ -81,7 +81,7 @@ def test_two_node_ddp_job(cluster, tmp_path, dataset):
 def test_two_node_zero3_job_resumes(cluster, tmp_path, dataset):
     """DeepSpeed ZeRO-3 across 2 (emulated) nodes: each node's rank writes its shard of the checkpoint directory,
     and a second job continues from it."""
-    from sdtrain.training.checkpoint import load_checkpoint_meta
+    from sdtrain.checkpoint.files import load_checkpoint_meta
 
     run = tmp_path / "run"
     train = [*TRAIN, f"data.shards={dataset}", "strategy=deepspeed_zero3", "data.num_workers=0"]

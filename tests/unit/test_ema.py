@@ -4,7 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from sdtrain.models.ema import EMAConfig, EMAWeights, ema_decay
+from sdtrain.models.ema import EMAWeights, ema_decay
+from sdtrain.training.callbacks.ema import EMAConfig
 
 
 def test_decay_warmup_schedule():

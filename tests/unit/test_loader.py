@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from sdtrain.data.loader import LatentDataConfig, LatentNormalizer, LatentStream, build_dataloader, probe_dataset
+from sdtrain.data.loader import LatentDataConfig, LatentStream, build_dataloader
+from sdtrain.data.normalizer import LatentNormalizer
+from sdtrain.data.probe import probe_dataset
 from sdtrain.data.shards import resolve_shards
 from sdtrain.errors import DataError
 from sdtrain.models.text_encoder import build_tokenizer
@@ -47,11 +49,23 @@ def test_two_ranks_two_workers_see_every_sample_once_per_epoch(dataset):
 
 
 def test_every_rank_yields_the_same_number_of_batches_with_uneven_shards(tmp_path):
+    """Shards of 16,16,16,16,6 over 2 ranks x 2 workers: each rank's real stream gives 70 // (4 slots x 4) = 4
+    batches per epoch, full and of distinct samples; over the epoch no sample is read twice."""
     from helpers import make_dataset
 
-    manifest = make_dataset(tmp_path, n=70, per_shard=16)  # shards of 16,16,16,16,6
-    plans = [stream(manifest, rank=r, world=2).plan(0) for r in range(2)]
-    assert plans[0].batches_per_slot == plans[1].batches_per_slot == 70 // (4 * 4)
+    manifest = make_dataset(tmp_path, n=70, per_shard=16)
+    per_rank_epoch = (70 // (4 * 4)) * 2  # batches per slot x workers
+    seen = []
+    for rank in range(2):
+        batches = take(stream(manifest, rank=rank, world=2, caption_dropout=0.0), per_rank_epoch + 2)
+        first_epoch = batches[:per_rank_epoch]
+        assert all(len(b["keys"]) == 4 for b in batches)
+        keys = [k for b in first_epoch for k in b["keys"]]
+        assert len(keys) == len(set(keys)) == per_rank_epoch * 4
+        seen += keys
+        # the stream goes on into the next epoch: the rank never runs short of its peers
+        assert all(len(b["keys"]) == 4 for b in batches[per_rank_epoch:])
+    assert len(seen) == len(set(seen)) == 64  # 6 samples (less than a global batch) wait for the next epoch
 
 
 def test_caption_dropout_rate_within_tolerance(dataset):

@@ -5,10 +5,9 @@ import open_clip
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from sdtrain.launch.train import CONF_DIR
+from sdtrain.launch.config import compose_config
 from sdtrain.models.text_encoder import FrozenOpenCLIPText, TextEncoderConfig, build_text_encoder, build_tokenizer
 
 
@@ -37,8 +36,7 @@ def test_text_encoder_is_frozen_and_uses_the_penultimate_layer():
 
 @pytest.mark.parametrize(("preset", "millions"), [("sd15", 859.5), ("sd2", 865.9), ("sdxl", 2567.5)])
 def test_size_presets_are_the_real_sd_unets(preset, millions):
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose("train", overrides=[f"model={preset}"])
+    cfg = compose_config([f"model={preset}"])
     config = OmegaConf.to_container(cfg.model.unet.config)
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(config)
@@ -46,7 +44,7 @@ def test_size_presets_are_the_real_sd_unets(preset, millions):
 
 
 def test_tokenizer_tokenises_exactly_like_open_clip():
-    from sdtrain.prep.emoji_images import emoji_pairs
+    from sdtrain.demo.emoji_images import emoji_pairs
 
     reference = open_clip.tokenizer.SimpleTokenizer()
     captions = [p.caption for p in emoji_pairs()] + [

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from sdtrain.config import from_conf
+from sdtrain.config import from_values
 from sdtrain.errors import ConfigError
 from sdtrain.training.optim import OptimConfig, build_optimizer, lr_multiplier
 
@@ -28,13 +28,13 @@ def test_scheduler_drives_the_optimizer_lr():
     assert lrs == pytest.approx([0.125, 0.25, 0.375, 0.5, 0.5])
 
 
-def test_from_conf_rejects_unknown_keys_and_bad_types():
-    with pytest.raises(ConfigError, match="unknown key optim.lrr"):
-        from_conf(OptimConfig, {"lrr": 1}, "optim")
-    with pytest.raises(ConfigError, match="optim.lr must be a number"):
-        from_conf(OptimConfig, {"lr": "fast"}, "optim")
-    with pytest.raises(ConfigError, match="optim.warmup_steps must be int"):
-        from_conf(OptimConfig, {"warmup_steps": 1.5}, "optim")
+def test_from_values_rejects_unknown_keys_and_bad_types():
+    with pytest.raises(ConfigError, match="optim: Key 'lrr' not in 'OptimConfig'"):
+        from_values(OptimConfig, {"lrr": 1}, "optim")
+    with pytest.raises(ConfigError, match="optim: Value 'fast' of type 'str' could not be converted to Float"):
+        from_values(OptimConfig, {"lr": "fast"}, "optim")
+    with pytest.raises(ConfigError, match="optim: Value '1.5' of type 'float' could not be converted to Integer"):
+        from_values(OptimConfig, {"warmup_steps": 1.5}, "optim")
     with pytest.raises(ConfigError, match="schedule must be constant or cosine"):
-        from_conf(OptimConfig, {"schedule": "linear"}, "optim")
-    assert from_conf(OptimConfig, {"lr": 3}, "optim").lr == 3
+        from_values(OptimConfig, {"schedule": "linear"}, "optim")
+    assert from_values(OptimConfig, {"lr": 3}, "optim").lr == 3

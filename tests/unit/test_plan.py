@@ -3,7 +3,7 @@ import time
 import numpy as np
 import pytest
 
-from sdtrain.data.plan import consumed_per_worker, plan_epoch
+from sdtrain.data.partition import consumed_per_worker, plan_epoch
 from sdtrain.errors import DataError
 
 

@@ -4,19 +4,17 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
 from sdtrain.errors import CheckpointError, ConfigError
 from sdtrain.export.ldm import unet_to_ldm
-from sdtrain.launch.train import CONF_DIR
+from sdtrain.launch.config import compose_config
 from sdtrain.models.diffusers_parts import UNetConfig, build_unet
 
 
 def _config(*overrides):
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose("train", overrides=list(overrides))
+    cfg = compose_config(list(overrides))
     return OmegaConf.to_container(cfg.model.unet.config)
 
 

@@ -2,9 +2,10 @@
 
 import pytest
 
+from sdtrain.checkpoint.files import load_checkpoint_meta
+from sdtrain.checkpoint.resume import find_resume_checkpoint, remove_partial_writes
+from sdtrain.checkpoint.sharded import replace_directory
 from sdtrain.errors import CheckpointError
-from sdtrain.training.checkpoint import find_resume_checkpoint, load_checkpoint_meta, remove_partial_writes
-from sdtrain.training.sharded_checkpoint import replace_directory
 
 
 class OneRank:

@@ -81,3 +81,18 @@ def test_gzip_shards_take_the_general_path(tmp_path):
     (tmp_path / "s.tar.gz").write_bytes(gzip.compress(path.read_bytes()))
     ours = list(iter_raw_samples(str(tmp_path / "s.tar.gz"), print))
     assert [s["__key__"] for s in ours] == ["0001", "0002"] and ours[0]["json"]
+
+
+def test_counting_reading_and_raw_tars_split_member_names_the_same_way(tmp_path):
+    """One rule (split_member) for every reader and counter: a count without a manifest is what the loader reads,
+    and sdtrain-encode's raw-tar reader groups the same keys."""
+    from sdtrain.data.shards import count_samples
+    from sdtrain.prep.sources import _iter_tar
+
+    names = [*NAMES, "noextension", "b/__hidden__", "b/000009.Moments.NPY", "b/000009.txt", "b/000010.png"]
+    path = _tar(tmp_path / "t.tar", tarfile.GNU_FORMAT, names)
+    read = list(iter_raw_samples(str(path), lambda reason: None))
+    assert count_samples(str(path)) == len(read) == len({s["__key__"] for s in read})
+    assert {"b/000009", "b/000010"} <= {s["__key__"] for s in read} and "moments.npy" in read[-2]
+    raw_keys = [s.key for s in _iter_tar(str(path), lambda reason: None)]
+    assert raw_keys == [s["__key__"] for s in read]

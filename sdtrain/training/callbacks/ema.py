@@ -4,11 +4,32 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
 
-from sdtrain.models.ema import EMAConfig, EMAWeights, ema_decay
+from sdtrain.checkpoint.format import EMA_STATE_KEY
+from sdtrain.models.ema import EMAWeights, ema_decay
+
+
+@dataclass(kw_only=True, slots=True)
+class EMAConfig:
+    enabled: bool = True
+    decay: float = 0.9999
+    """Target decay. Short CPU runs want ~0.99-0.999: decay d keeps d**n of the weights from n updates ago."""
+    warmup: int = 10
+    """Effective decay is min(decay, (1 + n) / (warmup + n)) after n updates; 0 = constant decay."""
+    start_step: int = 0
+    """Before this global step the EMA just copies the weights."""
+    update_every: int = 1
+    """Update every this many optimizer steps (the decay is applied per update, not per step)."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.decay < 1.0:
+            raise ValueError(f"decay must be in [0, 1), got {self.decay}")
+        if self.update_every < 1 or self.warmup < 0 or self.start_step < 0:
+            raise ValueError("update_every must be >= 1; warmup and start_step >= 0")
 
 
 class EMACallback(L.Callback):
@@ -17,6 +38,10 @@ class EMACallback(L.Callback):
         self.ema: EMAWeights | None = None
         self._pending: dict[str, Any] | None = None  # restored state, applied once the model exists
         self._last_step = -1
+
+    @property
+    def state_key(self) -> str:
+        return EMA_STATE_KEY  # where checkpoints keep the EMA weights (checkpoint/format.py)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.ema = EMAWeights(pl_module.unet)

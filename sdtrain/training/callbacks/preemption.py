@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import subprocess
+from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
@@ -19,6 +20,16 @@ import lightning as L
 from sdtrain.training import signals
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(kw_only=True, slots=True)
+class PreemptionConfig:
+    enabled: bool = True
+    """Only active under SLURM: on `signal`, save DIR/checkpoints/last.ckpt, requeue the job once and stop."""
+    signal: str = "SIGUSR1"
+    """sbatch --signal=USR1@SECONDS."""
+    requeue: bool = True
+    """scontrol requeue once; the new job continues with resume=auto."""
 
 
 class RequeueOnSignal(L.Callback):

@@ -10,6 +10,7 @@ import logging
 import math
 import os
 import signal
+from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
@@ -23,6 +24,13 @@ from sdtrain.training import signals
 from sdtrain.training.callbacks.ema import find_ema
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(kw_only=True, slots=True)
+class SampleScheduleConfig:
+    every_n_steps: int = 500
+    """DIR/samples/step_XXXXXX.png every this many steps; 0 = only at the end."""
+    at_end: bool = True
 
 
 class SampleGridCallback(L.Callback):

@@ -12,9 +12,8 @@ from typing import Any
 
 import lightning as L
 import torch
-from diffusers import UNet2DConditionModel
 
-from sdtrain.training.metrics import mfu, peak_flops, text_encoder_flops, unet_training_flops
+from sdtrain.training.metrics import mfu, peak_flops, training_flops_per_image
 
 
 class ThroughputCallback(L.Callback):
@@ -26,15 +25,9 @@ class ThroughputCallback(L.Callback):
         self._last_end: float | None = None
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        unet = pl_module.unet
-        config = dict(unet.config)
-        tokens = pl_module.tokenizer([""]).to(pl_module.device)
-        self.flops_per_image = unet_training_flops(
-            lambda: UNet2DConditionModel.from_config(config),
-            tuple(pl_module.latent_shape),
-            unet.config.cross_attention_dim,
-            tokens.shape[1],
-        ) + text_encoder_flops(pl_module.text_encoder, tokens)
+        self.flops_per_image = training_flops_per_image(
+            pl_module.unet, pl_module.latent_shape, pl_module.text_encoder, pl_module.tokenizer.context_length
+        )
         device = pl_module.device
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
         self.peak = peak_flops(name, str(trainer.precision), self.peak_flops_override)

@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from sdtrain.data.holdout import HoldoutSet, load_holdout
 from sdtrain.data.shards import ShardSet
+from sdtrain.seeding import validation_generator
 from sdtrain.training.callbacks.ema import find_ema
 
 log = logging.getLogger(__name__)
@@ -81,7 +82,7 @@ class FixedTimestepValidation(L.Callback):
             self.evaluate(trainer, pl_module)
 
     def noise(self, index: int, shape: tuple[int, ...]) -> torch.Tensor:
-        generator = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + index)
+        generator = validation_generator(self.cfg.seed, index)
         return torch.randn((self.cfg.timesteps, *shape), generator=generator)
 
     @torch.no_grad()

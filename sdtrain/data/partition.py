@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from sdtrain.errors import DataError
+from sdtrain.seeding import numpy_rng
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,7 +60,7 @@ def batches_per_slot(total_samples: int, num_slots: int, batch_size: int) -> int
 def shard_order(num_shards: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
     if not shuffle:
         return np.arange(num_shards)
-    return np.random.default_rng([seed, epoch, 0x5D]).permutation(num_shards)
+    return numpy_rng(seed, epoch, 0x5D).permutation(num_shards)
 
 
 def plan_epoch(

@@ -2,6 +2,7 @@
 
 The U-Net and VAE configs are the diffusers configs actually built (so a `pretrained` folder is not needed
 again); the text encoder config is the architecture only (its weights are in the state dict, like the VAE's).
+checkpoint/trained.py reads it back through the same model builder training used.
 """
 
 from __future__ import annotations
@@ -11,8 +12,10 @@ from typing import Any
 
 from torch import nn
 
-from sdtrain.data.loader import LatentNormalizer
+from sdtrain.data.normalizer import LatentNormalizer
 from sdtrain.diffusion.objective import DiffusionConfig
+from sdtrain.models.builder import ModelConfig, ModelParts
+from sdtrain.models.diffusers_parts import UNetConfig, VAEConfig
 from sdtrain.models.text_encoder import TextEncoderConfig
 
 
@@ -27,18 +30,26 @@ def diffusers_config(model: nn.Module) -> dict[str, Any]:
 
 def build_spec(
     *,
-    unet: nn.Module,
-    vae: nn.Module,
+    parts: ModelParts,
     text_encoder: TextEncoderConfig,
     diffusion: DiffusionConfig,
     normalizer: LatentNormalizer,
     latent_shape: tuple[int, ...],
 ) -> dict[str, Any]:
     return {
-        "unet": diffusers_config(unet),
-        "vae": diffusers_config(vae),
+        "unet": diffusers_config(parts.unet),
+        "vae": diffusers_config(parts.vae),
         "text_encoder": {**dataclasses.asdict(text_encoder), "pretrained": None},
         "diffusion": dataclasses.asdict(diffusion),
-        "normalizer": {"scale": normalizer.scale, "shift": list(normalizer.shift)},
+        "normalizer": normalizer.as_dict(),
         "latent_shape": list(latent_shape),
     }
+
+
+def model_config(spec: dict[str, Any]) -> ModelConfig:
+    """The ModelConfig that rebuilds a spec's architecture (random init; the checkpoint's weights go in after)."""
+    return ModelConfig(
+        unet=UNetConfig(config=spec["unet"]),
+        vae=VAEConfig(config=spec["vae"]),
+        text_encoder=TextEncoderConfig(**spec["text_encoder"]),
+    )

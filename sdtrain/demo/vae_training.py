@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKL
 
+from sdtrain.seeding import numpy_rng, seed_everything
+
 log = logging.getLogger(__name__)
 
 
@@ -53,11 +55,11 @@ def psnr(reconstruction: torch.Tensor, target: torch.Tensor) -> float:
 
 def train_vae(pixels: np.ndarray, cfg: VAETrainConfig) -> tuple[AutoencoderKL, list[float]]:
     """Train on `pixels` (N, 3, H, W) in [-1, 1] until max_seconds or max_steps; returns (vae, losses)."""
-    torch.manual_seed(cfg.seed)
+    seed_everything(cfg.seed)
     vae = build_small_vae(cfg, pixels.shape[-1])
     optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.lr)
     data = torch.from_numpy(pixels)
-    rng = np.random.default_rng(cfg.seed)
+    rng = numpy_rng(cfg.seed)
     losses: list[float] = []
     start = time.perf_counter()
     for step in range(cfg.max_steps):

@@ -22,9 +22,10 @@ import numpy as np
 import torch
 from torchvision.utils import make_grid, save_image
 
-from sdtrain.prep.emoji_images import CaptionedImage, emoji_pairs, load_pixels
+from sdtrain.demo.emoji_images import CaptionedImage, emoji_pairs, load_pixels
+from sdtrain.demo.vae_training import VAETrainConfig, encode_moments, latent_statistics, psnr, train_vae
 from sdtrain.prep.shard_writer import LatentSample, write_shards
-from sdtrain.prep.vae_training import VAETrainConfig, encode_moments, latent_statistics, psnr, train_vae
+from sdtrain.seeding import numpy_rng
 
 log = logging.getLogger("sdtrain.demo")
 FID_IMAGES = 200  # reference images = samples per evaluated checkpoint
@@ -32,19 +33,16 @@ FID_IMAGES = 200  # reference images = samples per evaluated checkpoint
 
 def demo_prompts() -> list[str]:
     """The sample-grid prompts of conf/experiment/demo.yaml (one place), for the matching grid of real images."""
-    from hydra import compose, initialize_config_dir
+    from sdtrain.launch.config import compose_config
 
-    from sdtrain.launch.train import CONF_DIR
-
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose("train", overrides=["experiment=demo"])
+    cfg = compose_config(["experiment=demo"])
     return list(cfg.callbacks.sampling.prompts)
 
 
 def write_reference_images(pairs: list[CaptionedImage], pixels: np.ndarray, folder: str, count: int, seed: int) -> None:
     """`count` random images of the set as NNNN.png + NNNN.txt (caption): the FID reference for sdtrain-eval."""
     os.makedirs(folder, exist_ok=True)
-    chosen = np.random.default_rng(seed).choice(len(pairs), size=min(count, len(pairs)), replace=False)
+    chosen = numpy_rng(seed).choice(len(pairs), size=min(count, len(pairs)), replace=False)
     for i, index in enumerate(sorted(chosen)):
         save_image((torch.from_numpy(pixels[index]) + 1) / 2, os.path.join(folder, f"{i:04d}.png"))
         with open(os.path.join(folder, f"{i:04d}.txt"), "w", encoding="utf-8") as f:
@@ -56,7 +54,7 @@ def prepare(out: str, image_size: int, vae_seconds: float) -> tuple[str, str]:
     pairs = emoji_pairs()
     pixels = load_pixels(pairs, image_size)
     log.info("raw set: %d captioned images at %dpx", len(pairs), image_size)
-    rng = np.random.default_rng(0)
+    rng = numpy_rng(0)
     held_out = rng.choice(len(pairs), size=min(128, len(pairs) // 10), replace=False)
     train_mask = np.ones(len(pairs), bool)
     train_mask[held_out] = False

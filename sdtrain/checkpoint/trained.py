@@ -1,7 +1,8 @@
-"""A trained model back from its checkpoint alone: U-Net (EMA or raw weights), frozen text encoder, VAE, scheduler.
+"""A trained model back from its checkpoint alone: U-Net (EMA or raw weights), frozen text encoder, VAE, schedule.
 
-Everything needed is inside the checkpoint (weights + checkpoint["sdtrain"]["spec"], see training/spec.py), so a
-checkpoint copied to another machine samples and exports without the run folder or its config.
+Everything needed is inside the checkpoint (weights + checkpoint["sdtrain"]["spec"], see spec.py), so a
+checkpoint copied to another machine samples and exports without the run folder or its config. The model is
+rebuilt by models.builder, the same builder training used.
 """
 
 from __future__ import annotations
@@ -12,22 +13,16 @@ from dataclasses import dataclass
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 
-from sdtrain.data.loader import LatentNormalizer
+from sdtrain.checkpoint.files import load_full_checkpoint
+from sdtrain.checkpoint.format import PARTS, WEIGHTS, find_ema_state, part_state, sdtrain_state
+from sdtrain.checkpoint.spec import model_config
+from sdtrain.data.normalizer import LatentNormalizer
 from sdtrain.diffusion.objective import DiffusionConfig
 from sdtrain.errors import CheckpointError
-from sdtrain.models.ema import find_ema_state
-from sdtrain.models.pretrained import under_prefix
-from sdtrain.models.text_encoder import (
-    CLIPTokenizer,
-    FrozenOpenCLIPText,
-    TextEncoderConfig,
-    build_text_encoder,
-    build_tokenizer,
-)
-from sdtrain.training.checkpoint import load_full_checkpoint
+from sdtrain.models.builder import build_model
+from sdtrain.models.text_encoder import CLIPTokenizer, FrozenOpenCLIPText, TextEncoderConfig, build_tokenizer
 
 log = logging.getLogger(__name__)
-WEIGHTS = ("ema", "raw")
 
 
 @dataclass(kw_only=True)
@@ -52,17 +47,15 @@ def load_trained(path: str, weights: str = "ema", device: str | torch.device = "
     if weights not in WEIGHTS:
         raise CheckpointError(f"weights must be one of {WEIGHTS}, got {weights!r}")
     checkpoint = load_full_checkpoint(path)
-    spec = (checkpoint.get("sdtrain") or {}).get("spec")
+    spec = sdtrain_state(checkpoint).get("spec")
     if not spec:
         raise CheckpointError(f"checkpoint {path} has no model spec (checkpoint['sdtrain']['spec']); re-save it")
-    state = checkpoint["state_dict"]
-    unet = UNet2DConditionModel.from_config(spec["unet"])
-    vae = AutoencoderKL.from_config(spec["vae"])
-    text_config = TextEncoderConfig(**spec["text_encoder"])
-    text_encoder = build_text_encoder(text_config)
-    for name, module in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder)):
+    config = model_config(spec)
+    parts = build_model(config, pretrained=False, runtime=False)
+    unet, vae, text_encoder = parts.unet, parts.vae, parts.text_encoder
+    for name in PARTS:
         try:
-            module.load_state_dict(under_prefix(state, f"{name}."), strict=True)
+            getattr(parts, name).load_state_dict(part_state(checkpoint, name), strict=True)
         except RuntimeError as exc:
             raise CheckpointError(f"checkpoint {path}: {name} weights do not fit its spec: {str(exc)[:300]}") from None
     if weights == "ema":
@@ -80,13 +73,12 @@ def load_trained(path: str, weights: str = "ema", device: str | torch.device = "
                 param.copy_(ema["shadow"][name])
     unet.requires_grad_(False)
     vae.requires_grad_(False)
-    normalizer = spec["normalizer"]
     return TrainedModel(
         unet=unet.eval().to(device),
         vae=vae.eval().to(device),
         text_encoder=text_encoder.to(device),
-        text_config=text_config,
-        normalizer=LatentNormalizer(float(normalizer["scale"]), [float(s) for s in normalizer["shift"]]),
+        text_config=config.text_encoder,
+        normalizer=LatentNormalizer.from_dict(spec["normalizer"]),
         diffusion=DiffusionConfig(**spec["diffusion"]),
         latent_shape=tuple(spec["latent_shape"]),
         step=int(checkpoint.get("global_step", 0)),

@@ -1,0 +1,69 @@
+"""What the launcher checks about a dataset before any process starts: one readable first sample with a caption
+and the model's channel count, the latent normalisation, and whether pre-encoded text fits the text encoder.
+
+Problems that would make every sample bad are one-line DataErrors here, naming the shard and sample, instead of
+thousands of counted skips later.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from sdtrain.data.loader import LatentDataConfig
+from sdtrain.data.normalizer import LatentNormalizer
+from sdtrain.data.samples import LatentField, SampleError, decode_caption, decode_latent
+from sdtrain.data.shards import ShardSet, iter_raw_samples, resolve_shards
+from sdtrain.errors import DataError
+from sdtrain.seeding import seeded_generator
+
+
+@dataclass(frozen=True, slots=True)
+class ProbedData:
+    shard_set: ShardSet
+    latent_shape: tuple[int, ...]
+    normalizer: LatentNormalizer
+
+
+def probe_dataset(shard_set: ShardSet, cfg: LatentDataConfig, latent_channels: int) -> tuple[int, ...]:
+    """Check the first sample before training starts; returns the latent shape (C, h, w)."""
+    url = shard_set.shards[0].url
+    problems: list[str] = []
+    raw = next(iter(iter_raw_samples(url, problems.append)), None)
+    if raw is None:
+        raise DataError(problems[0] if problems else f"shard {url} holds no samples")
+    where = f"shard {url}, sample {raw['__key__']!r}"
+    try:
+        field = LatentField.detect(raw, cfg.latent_key)
+        decode_caption(raw)
+        latent = decode_latent(raw, field, latent_channels, seeded_generator(0))
+    except SampleError as exc:
+        if exc.reason == "wrong_channels":
+            raise DataError(f"{where}: {exc} (model.unet.in_channels); wrong dataset or model size?") from None
+        raise DataError(f"{where}: {exc}") from None
+    return tuple(latent.shape)
+
+
+def check_text_embeddings(manifest: dict[str, Any], expected: dict[str, Any]) -> None:
+    """Pre-encoded text.npy is only usable from the very text encoder this run has (never silently mixed);
+    `expected` is that encoder's identity (models.text_encoder.TextEncoderConfig.identity)."""
+    recorded = (manifest or {}).get("text_encoder")
+    if not recorded:
+        raise DataError("data.text_embeddings=true but the manifest names no text encoder (shards without text.npy)")
+    differ = sorted(k for k in expected if recorded.get(k) != expected[k])
+    if differ:
+        k = differ[0]
+        raise DataError(
+            f"the shards' text.npy came from another text encoder ({k}: {recorded.get(k)!r} there, {expected[k]!r} "
+            "in model.text_encoder); set data.text_embeddings=false to encode the captions instead"
+        )
+
+
+def probe(cfg: LatentDataConfig, *, latent_channels: int, text_identity: dict[str, Any]) -> ProbedData:
+    """The training set resolved and checked: shards, latent shape of its first sample, normalisation."""
+    shard_set = resolve_shards(cfg.shards)
+    latent_shape = probe_dataset(shard_set, cfg, latent_channels)
+    if cfg.text_embeddings:
+        check_text_embeddings(shard_set.manifest, text_identity)
+    normalizer = LatentNormalizer.resolve(cfg.scaling_factor, cfg.shift_factor, shard_set.manifest)
+    return ProbedData(shard_set, latent_shape, normalizer)

@@ -1,0 +1,104 @@
+"""Where config meets code: the Hydra config tree and the typed dataclasses behind it.
+
+- The YAML tree lives in the repository's top-level `conf/` and is installed inside the package as `sdtrain.conf`
+  (pyproject maps one onto the other), so it is found through the package (`pkg://sdtrain.conf`) from any working
+  directory, editable checkout or wheel alike. Users add their own folder with `--config-dir` or
+  `hydra.searchpath=[file:///abs/path]`.
+- One source per default: each group's keys, types and defaults are the dataclass next to the code that uses it,
+  registered here as a Hydra structured config (`_schema` nodes). The YAML files hold presets only (model sizes,
+  DeepSpeed stages, experiments): what differs from those defaults. Hydra then refuses unknown keys and values of
+  the wrong type while composing; `to_object` gives the code the dataclass (its `__post_init__` checks run there).
+- Any config mistake is one line on stderr (`error: ...`, exit 2), whether Hydra finds it while composing or a
+  dataclass check finds it later.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from hydra.errors import HydraException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from sdtrain.config import config_error_line
+from sdtrain.data.loader import LatentDataConfig
+from sdtrain.diffusion.objective import DiffusionConfig
+from sdtrain.launch.fsdp import FSDPConfig
+from sdtrain.launch.strategy import AutoStrategyConfig, DDPConfig
+from sdtrain.launch.zero import ZeroConfig
+from sdtrain.models.builder import ModelConfig
+from sdtrain.training.callbacks.build import CallbacksConfig
+from sdtrain.training.optim import OptimConfig
+
+CONF_MODULE = "sdtrain.conf"
+CONF_PATH = f"pkg://{CONF_MODULE}"
+CONFIG_ERRORS = (HydraException, OmegaConfBaseException)
+
+# group -> (schema node name, dataclass): the presets in conf/GROUP/*.yaml start from these (`defaults: [_schema]`)
+SCHEMAS: dict[str, dict[str, type]] = {
+    "data": {"_schema": LatentDataConfig},
+    "model": {"_schema": ModelConfig},
+    "diffusion": {"_schema": DiffusionConfig},
+    "optim": {"_schema": OptimConfig},
+    "callbacks": {"_schema": CallbacksConfig},
+    "strategy": {"_auto": AutoStrategyConfig, "_ddp": DDPConfig, "_deepspeed": ZeroConfig, "_fsdp": FSDPConfig},
+}
+
+
+def register_configs() -> None:
+    """Put the dataclass schemas into Hydra's ConfigStore (idempotent); call before composing."""
+    store = ConfigStore.instance()
+    for group, nodes in SCHEMAS.items():
+        for name, schema in nodes.items():
+            store.store(group=group, name=name, node=schema)
+
+
+def to_plain(node: Any) -> Any:
+    """A resolved plain-Python copy of an OmegaConf node (dicts, lists, scalars): the trainer/logger groups,
+    which are Lightning's own arguments rather than a dataclass of ours."""
+    if isinstance(node, DictConfig) or OmegaConf.is_config(node):
+        return OmegaConf.to_container(node, resolve=True)
+    return node
+
+
+def compose_config(overrides: list[str]) -> DictConfig:
+    """The training config for `overrides`, composed as `sdtrain-train` would (planner, SLURM launcher, demo)."""
+    from hydra import compose, initialize_config_module
+
+    register_configs()
+    with initialize_config_module(config_module=CONF_MODULE, version_base="1.3"):
+        return compose("train", overrides=overrides)
+
+
+def one_line_config_errors() -> None:
+    """Make @hydra.main report config errors (unknown key, wrong type, bad override grammar) in one line with
+    exit code 2, like every other sdtrain error. Hydra prints them over several lines from one private helper,
+    `run_and_report`; it is wrapped, not replaced: any other exception still gets Hydra's own report, and
+    HYDRA_FULL_ERROR=1 still gives the full traceback. Without that helper (another Hydra) nothing changes."""
+    from hydra._internal import hydra as hydra_core
+    from hydra._internal import utils as hydra_utils
+
+    original = getattr(hydra_utils, "run_and_report", None)
+    if original is None or getattr(original, "__sdtrain__", False):
+        return
+
+    def run_and_report(func: Callable[[], Any]) -> Any:
+        def guarded() -> Any:
+            try:
+                return func()
+            except CONFIG_ERRORS as exc:
+                if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                    raise
+                print(f"error: {config_error_line(exc)}", file=sys.stderr)
+                sys.exit(2)
+
+        return original(guarded)
+
+    run_and_report.__sdtrain__ = True  # type: ignore[attr-defined]
+    hydra_utils.run_and_report = run_and_report
+    if getattr(hydra_core, "run_and_report", None) is original:
+        hydra_core.run_and_report = run_and_report

@@ -1,0 +1,61 @@
+"""`callbacks.*`: every callback's config, gathered as the `callbacks` group, and the callbacks a run gets."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import lightning as L
+from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+from sdtrain.data.shards import resolve_shards
+from sdtrain.diffusion.sampling import SamplingConfig
+from sdtrain.errors import ConfigError
+from sdtrain.training.callbacks.checkpointing import CheckpointConfig, run_checkpoint
+from sdtrain.training.callbacks.ema import EMACallback, EMAConfig
+from sdtrain.training.callbacks.preemption import PreemptionConfig, RequeueOnSignal
+from sdtrain.training.callbacks.samples import SampleGridCallback, SampleScheduleConfig
+from sdtrain.training.callbacks.throughput import ThroughputCallback
+from sdtrain.training.callbacks.validation import FixedTimestepValidation, ValidationConfig
+
+
+@dataclass(kw_only=True, slots=True)
+class CallbacksConfig:
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    samples: SampleScheduleConfig = field(default_factory=SampleScheduleConfig)
+    """When sample grids are drawn; what they show is `sampling`."""
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    """Fixed-timestep validation loss on data.val_shards (val/loss, val/loss_tNNN)."""
+    preemption: PreemptionConfig = field(default_factory=PreemptionConfig)
+    peak_flops: float | None = None
+    """Accelerator peak FLOP/s for MFU; null = looked up by device name (H100, A100, ...)."""
+
+
+def build_callbacks(cfg: CallbacksConfig, run_dir: str, *, val_shards: object, latent_key: str) -> list[L.Callback]:
+    """The run's callbacks; `val_shards` is data.val_shards (the held-out set callbacks.validation needs)."""
+    callbacks: list[L.Callback] = [
+        run_checkpoint(cfg.checkpoint, run_dir),
+        ThroughputCallback(peak_flops_override=cfg.peak_flops),
+    ]
+    if cfg.preemption.enabled and SLURMEnvironment.detect():
+        last = os.path.join(run_dir, "checkpoints", "last.ckpt")
+        requeue = cfg.preemption.requeue
+        callbacks.append(RequeueOnSignal(ckpt_path=last, signal_name=cfg.preemption.signal, requeue=requeue))
+    if cfg.ema.enabled:
+        callbacks.append(EMACallback(cfg.ema))
+    if cfg.validation.every_n_steps > 0:
+        if val_shards is None:
+            raise ConfigError("callbacks.validation.every_n_steps > 0 needs data.val_shards (a held-out shard set)")
+        callbacks.append(FixedTimestepValidation(cfg.validation, resolve_shards(val_shards), latent_key=latent_key))
+    if cfg.samples.every_n_steps > 0 or cfg.samples.at_end:
+        callbacks.append(
+            SampleGridCallback(
+                cfg.sampling,
+                out_dir=os.path.join(run_dir, "samples"),
+                every_n_steps=cfg.samples.every_n_steps,
+                at_end=cfg.samples.at_end,
+            )
+        )
+    return callbacks

@@ -1,0 +1,82 @@
+"""The config tree: every preset composes into its dataclass, no YAML repeats a dataclass default (one source per
+default), and a user's own config folder joins the search path."""
+
+import dataclasses
+import subprocess
+import sys
+
+import pytest
+import yaml
+from helpers import REPO
+from omegaconf import OmegaConf
+
+from sdtrain.config import config_error_line, to_object
+from sdtrain.launch.config import CONFIG_ERRORS, SCHEMAS, compose_config
+
+PRESETS = (
+    [("model", name) for name in ("tiny", "sd15", "sd2", "sdxl")]
+    + [
+        ("strategy", name)
+        for name in (
+            "auto",
+            "ddp",
+            "deepspeed_zero1",
+            "deepspeed_zero2",
+            "deepspeed_zero3",
+            "deepspeed_zero3_offload",
+            "fsdp",
+        )
+    ]
+    + [("diffusion", "v_prediction")]
+)
+
+
+@pytest.mark.parametrize(("group", "name"), PRESETS)
+def test_every_preset_composes_into_its_dataclass(group, name):
+    cfg = compose_config([f"{group}={name}"])
+    for key in SCHEMAS:
+        assert dataclasses.is_dataclass(to_object(cfg[key], key))
+
+
+def _repeats(values: dict, schema: object, where: str) -> list[str]:
+    found = []
+    for key, value in values.items():
+        if key == "defaults" or not hasattr(schema, key):
+            continue
+        default = getattr(schema, key)
+        if dataclasses.is_dataclass(default) and isinstance(value, dict):
+            found += _repeats(value, default, f"{where}.{key}")
+        elif value == default:
+            found.append(f"{where}.{key}")
+    return found
+
+
+def test_no_preset_repeats_a_dataclass_default():
+    repeated = []
+    for group, nodes in SCHEMAS.items():
+        for path in sorted((REPO / "conf" / group).glob("*.yaml")):
+            values = yaml.safe_load(path.read_text()) or {}
+            base = values.get("defaults", [None])[0]
+            if base not in nodes:  # a preset over another preset (deepspeed_zero3_offload over deepspeed_zero3)
+                continue
+            repeated += _repeats(values, nodes[base](), f"conf/{group}/{path.name}")
+    assert not repeated, repeated
+
+
+def test_typed_groups_refuse_wrong_types_while_composing():
+    with pytest.raises(CONFIG_ERRORS) as error:
+        compose_config(["data.batch_size=many"])
+    assert "Value 'many' of type 'str' could not be converted to Integer" in config_error_line(error.value)
+    assert OmegaConf.get_type(compose_config([]).data).__name__ == "LatentDataConfig"
+
+
+def test_a_user_config_dir_adds_an_experiment(tmp_path):
+    (tmp_path / "experiment").mkdir()
+    (tmp_path / "experiment" / "mine.yaml").write_text(
+        "# @package _global_\ndefaults:\n  - /experiment/tiny\noptim:\n  lr: 3.0e-4\n"
+    )
+    cmd = [sys.executable, "-m", "sdtrain.train", "--config-dir", str(tmp_path), "experiment=mine", "--cfg", "job"]
+    out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    job = yaml.safe_load(out.stdout)
+    assert job["optim"]["lr"] == 3.0e-4 and job["data"]["batch_size"] == 8  # mine over tiny over the defaults
