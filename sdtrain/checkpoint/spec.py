@@ -16,7 +16,8 @@ from sdtrain.data.normalizer import LatentNormalizer
 from sdtrain.diffusion.objective import DiffusionConfig
 from sdtrain.models.builder import ModelConfig, ModelParts
 from sdtrain.models.diffusers_parts import UNetConfig, VAEConfig
-from sdtrain.models.text_encoder import TextEncoderConfig
+from sdtrain.models.hf_text import hf_config
+from sdtrain.models.text_encoder import TextEncoderConfig, tokenizer_files
 
 
 def diffusers_config(model: nn.Module) -> dict[str, Any]:
@@ -31,19 +32,22 @@ def diffusers_config(model: nn.Module) -> dict[str, Any]:
 def build_spec(
     *,
     parts: ModelParts,
-    text_encoder: TextEncoderConfig,
     diffusion: DiffusionConfig,
     normalizer: LatentNormalizer,
     latent_shape: tuple[int, ...],
 ) -> dict[str, Any]:
-    return {
+    text = parts.text_config
+    spec = {
         "unet": diffusers_config(parts.unet),
         "vae": diffusers_config(parts.vae),
-        "text_encoder": {**dataclasses.asdict(text_encoder), "pretrained": None},
+        "text_encoder": {**dataclasses.asdict(text), "pretrained": None, "tokenizer": None},
         "diffusion": dataclasses.asdict(diffusion),
         "normalizer": normalizer.as_dict(),
         "latent_shape": list(latent_shape),
     }
+    if text.kind == "transformers":  # the architecture and the tokenizer's files: no folder needed to rebuild
+        spec["text_model"] = {"config": hf_config(parts.text_encoder.model), "tokenizer_files": tokenizer_files(text)}
+    return spec
 
 
 def model_config(spec: dict[str, Any]) -> ModelConfig:

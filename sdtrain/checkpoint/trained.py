@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
+from torch import nn
 
 from sdtrain.checkpoint.files import load_full_checkpoint
 from sdtrain.checkpoint.format import PARTS, WEIGHTS, find_ema_state, part_state, sdtrain_state
@@ -20,7 +21,7 @@ from sdtrain.data.normalizer import LatentNormalizer
 from sdtrain.diffusion.objective import DiffusionConfig
 from sdtrain.errors import CheckpointError
 from sdtrain.models.builder import build_model
-from sdtrain.models.text_encoder import CLIPTokenizer, FrozenOpenCLIPText, TextEncoderConfig, build_tokenizer
+from sdtrain.models.text_encoder import TextEncoderConfig, Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -29,17 +30,15 @@ log = logging.getLogger(__name__)
 class TrainedModel:
     unet: UNet2DConditionModel
     vae: AutoencoderKL
-    text_encoder: FrozenOpenCLIPText
+    text_encoder: nn.Module
     text_config: TextEncoderConfig
+    tokenizer: Tokenizer
     normalizer: LatentNormalizer
     diffusion: DiffusionConfig
     latent_shape: tuple[int, ...]
     step: int
     weights: str
     """Which U-Net weights were loaded: ema | raw."""
-
-    def tokenizer(self) -> CLIPTokenizer:
-        return build_tokenizer(self.text_config.context_length)
 
 
 def load_trained(path: str, weights: str = "ema", device: str | torch.device = "cpu") -> TrainedModel:
@@ -51,7 +50,7 @@ def load_trained(path: str, weights: str = "ema", device: str | torch.device = "
     if not spec:
         raise CheckpointError(f"checkpoint {path} has no model spec (checkpoint['sdtrain']['spec']); re-save it")
     config = model_config(spec)
-    parts = build_model(config, pretrained=False, runtime=False)
+    parts = build_model(config, pretrained=False, runtime=False, text_model=spec.get("text_model"))
     unet, vae, text_encoder = parts.unet, parts.vae, parts.text_encoder
     for name in PARTS:
         try:
@@ -78,6 +77,7 @@ def load_trained(path: str, weights: str = "ema", device: str | torch.device = "
         vae=vae.eval().to(device),
         text_encoder=text_encoder.to(device),
         text_config=config.text_encoder,
+        tokenizer=parts.tokenizer,
         normalizer=LatentNormalizer.from_dict(spec["normalizer"]),
         diffusion=DiffusionConfig(**spec["diffusion"]),
         latent_shape=tuple(spec["latent_shape"]),

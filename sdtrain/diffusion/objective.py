@@ -6,10 +6,15 @@ w(t) = 1 or min-SNR-gamma (Hang et al. 2023). Offset noise (Guttenberg 2023) add
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from dataclasses import dataclass
 
 import torch
 from diffusers import DDPMScheduler
+
+log = logging.getLogger(__name__)
+SCHEDULE_KEYS = ("prediction_type", "num_train_timesteps", "beta_schedule", "beta_start", "beta_end")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -28,6 +33,19 @@ class DiffusionConfig:
     def __post_init__(self) -> None:
         if self.prediction_type not in ("epsilon", "v_prediction"):
             raise ValueError(f"prediction_type must be epsilon or v_prediction, got {self.prediction_type!r}")
+
+    def with_schedule_of(self, scheduler: dict) -> DiffusionConfig:
+        """A released model's schedule (its scheduler_config.json) for each key still at the default here: a key
+        set to something else (diffusion.prediction_type=..., diffusion=v_prediction) is the user's choice."""
+        defaults = DiffusionConfig()
+        changes = {
+            k: scheduler[k]
+            for k in SCHEDULE_KEYS
+            if k in scheduler and getattr(self, k) == getattr(defaults, k) != scheduler[k]
+        }
+        if changes:
+            log.info("diffusion: from the pretrained scheduler: %s", changes)
+        return dataclasses.replace(self, **changes)
 
     def scheduler_config(self) -> dict:
         return {

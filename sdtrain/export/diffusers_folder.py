@@ -59,15 +59,10 @@ def export_diffusers(model: TrainedModel, out: str, *, sampler: str = "ddim") ->
     vae.register_to_config(scaling_factor=model.normalizer.scale, shift_factor=None)
     vae.save_pretrained(os.path.join(out, "vae"), safe_serialization=True)
     build_scheduler(sampler, model.diffusion.scheduler_config()).save_pretrained(os.path.join(out, "scheduler"))
-    text_dir = os.path.join(out, "text_encoder")
-    os.makedirs(text_dir, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.text_encoder.state_dict().items()}, f"{text_dir}/model.safetensors")
-    _write_json(
-        f"{text_dir}/config.json", {"class": "sdtrain.FrozenOpenCLIPText", **dataclasses.asdict(model.text_config)}
-    )
+    text_parts = _save_text_encoder(model, out)
     ldm = unet_to_ldm(model.unet.state_dict(), dict(model.unet.config))
     save_file({k: v.contiguous() for k, v in ldm.items()}, os.path.join(out, "unet.ldm.safetensors"))
-    _write_json(os.path.join(out, "model_index.json"), _model_index(sampler))
+    _write_json(os.path.join(out, "model_index.json"), _model_index(sampler, text_parts))
     _write_json(
         os.path.join(out, "sdtrain.json"),
         {
@@ -84,15 +79,38 @@ def export_diffusers(model: TrainedModel, out: str, *, sampler: str = "ddim") ->
     return out
 
 
-def _model_index(sampler: str) -> dict[str, Any]:
+def _save_text_encoder(model: TrainedModel, out: str) -> dict[str, list[str | None]]:
+    """text_encoder/ (+ tokenizer/) and their model_index entries. A transformers encoder is saved as itself, so
+    plain diffusers loads it; an OpenCLIP tower as sdtrain's own file (sdtrain.export.pipeline reads it)."""
+    text_dir = os.path.join(out, "text_encoder")
+    if model.text_config.kind == "transformers":
+        hf_model = model.text_encoder.model
+        if not model.text_encoder.is_clip:  # diffusers then passes the padding mask, as sdtrain encodes
+            hf_model.config.use_attention_mask = True
+        hf_model.save_pretrained(text_dir, safe_serialization=True)
+        tokenizer = model.tokenizer.tokenizer
+        tokenizer.save_pretrained(os.path.join(out, "tokenizer"))
+        return {
+            "text_encoder": ["transformers", type(hf_model).__name__],
+            "tokenizer": ["transformers", type(tokenizer).__name__],
+        }
+    os.makedirs(text_dir, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.text_encoder.state_dict().items()}, f"{text_dir}/model.safetensors")
+    _write_json(
+        f"{text_dir}/config.json", {"class": "sdtrain.FrozenOpenCLIPText", **dataclasses.asdict(model.text_config)}
+    )
+    # OpenCLIP tower: sdtrain.export.pipeline.ExportedTextEncoder
+    return {"text_encoder": [None, None], "tokenizer": [None, None]}
+
+
+def _model_index(sampler: str, text_parts: dict[str, list[str | None]]) -> dict[str, Any]:
     scheduler = type(build_scheduler(sampler, {})).__name__
     return {
         "_class_name": "StableDiffusionPipeline",
         "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"],
         "scheduler": ["diffusers", scheduler],
-        "text_encoder": [None, None],  # OpenCLIP tower: sdtrain.export.pipeline.ExportedTextEncoder
-        "tokenizer": [None, None],
+        **text_parts,
         "safety_checker": [None, None],
         "feature_extractor": [None, None],
         "image_encoder": [None, None],
@@ -125,4 +143,7 @@ def import_diffusers(folder: str) -> dict[str, dict[str, torch.Tensor]]:
     for key, values in (info.get("vae_shift_folded") or {}).items():
         vae_state[key] = torch.tensor(values, dtype=vae_state[key].dtype)
     text = load_file(os.path.join(folder, "text_encoder", "model.safetensors"))
+    with open(os.path.join(folder, "model_index.json"), encoding="utf-8") as f:
+        if json.load(f).get("text_encoder", [None])[0] == "transformers":  # FrozenHFText holds it as .model
+            text = {f"model.{k}": v for k, v in text.items()}
     return {"unet": unet.state_dict(), "vae": vae_state, "text_encoder": text}

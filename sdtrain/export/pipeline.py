@@ -35,7 +35,7 @@ class ExportedTextEncoder:
         self.encoder = build_text_encoder(self.config)
         self.encoder.load_state_dict(load_file(os.path.join(text_dir, "model.safetensors")))
         self.encoder.to(device)
-        self.tokenizer = build_tokenizer(self.config.context_length)
+        self.tokenizer = build_tokenizer(self.config)
         self.device = torch.device(device)
 
     def __call__(self, prompts: Sequence[str]) -> torch.Tensor:
@@ -69,6 +69,8 @@ class ExportedPipeline:
 
 
 def load_pipeline(folder: str, device: str | torch.device = "cpu") -> ExportedPipeline:
+    """An export with an OpenCLIP text encoder (sdtrain's own text_encoder/ file). Exports of a transformers
+    text encoder need none of this: `StableDiffusionPipeline.from_pretrained(folder)` runs them as they are."""
     info = read_export_info(folder)
     pipe = StableDiffusionPipeline.from_pretrained(
         folder,

@@ -36,6 +36,7 @@ from sdtrain.launch.loggers import build_loggers
 from sdtrain.launch.slurm import log_placement
 from sdtrain.launch.strategy import build_strategy
 from sdtrain.models.builder import ModelConfig, build_model
+from sdtrain.models.pipeline_folder import scheduler_config
 from sdtrain.seeding import seed_everything
 from sdtrain.training.callbacks.build import build_callbacks
 from sdtrain.training.module import LatentDiffusionModule
@@ -53,8 +54,10 @@ def build_module(cfg: DictConfig, data: LatentDataConfig) -> tuple[LatentDiffusi
         )
     parts = build_model(model, read=read_weights)  # sdtrain checkpoints are valid `pretrained` files too
     channels = parts.unet.config.in_channels
-    probed = probe(data, latent_channels=channels, text_identity=model.text_encoder.identity())
+    probed = probe(data, latent_channels=channels, text_identity=parts.text_config.identity())
     diffusion = to_object(cfg.diffusion, "diffusion")
+    if model.pretrained:  # the released model's schedule, for every diffusion.* key left at its default
+        diffusion = diffusion.with_schedule_of(scheduler_config(model.pretrained))
     module = LatentDiffusionModule(
         unet=parts.unet,
         text_encoder=parts.text_encoder,
@@ -68,7 +71,6 @@ def build_module(cfg: DictConfig, data: LatentDataConfig) -> tuple[LatentDiffusi
     )
     module.spec = build_spec(
         parts=parts,
-        text_encoder=model.text_encoder,
         diffusion=diffusion,
         normalizer=probed.normalizer,
         latent_shape=probed.latent_shape,

@@ -1,13 +1,17 @@
-"""Frozen OpenCLIP text encoder (SD2 style: penultimate layer, then the final LayerNorm) and its BPE tokenizer.
+"""Frozen text encoders and their tokenizers: OpenCLIP here (SD2 style: penultimate layer, then the final
+LayerNorm, and open_clip's BPE run by HF `tokenizers`), transformers models in models/hf_text.py; `kind`
+chooses, `build_text_encoder` / `build_tokenizer` build either.
 
-`tiny` builds a small random text tower (no weights exist offline); `sd2` builds ViT-H-14 and loads a local
-open_clip checkpoint. The tokenizer is always open_clip's real BPE (its vocab ships in the wheel), run by HF
-`tokenizers` for speed.
+OpenCLIP: `tiny` builds a small random text tower (no weights exist offline); `sd2` builds ViT-H-14 and loads a
+local open_clip checkpoint; the tokenizer is open_clip's real BPE (its vocab ships in the wheel).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,35 +23,86 @@ from torch import nn
 
 from sdtrain.errors import CheckpointError, ConfigError
 
+Tokenizer = Callable[[list[str]], torch.Tensor]
+
+
+KINDS = ("open_clip", "transformers")
+
 
 @dataclass(kw_only=True, slots=True)
 class TextEncoderConfig:
+    kind: str = "open_clip"
+    """open_clip (an OpenCLIP tower, SD2's original format) | transformers (a transformers folder: a released SD
+    pipeline's text_encoder/, or any AutoModel text model; models/hf_text.py)."""
     arch: str | None = None
-    """An open_clip model name (ViT-H-14 for SD2, ViT-L-14 for SD1.x) or None for a custom tower below."""
+    """open_clip: a model name (ViT-H-14 for SD2, ViT-L-14 for SD1.x) or None for a custom tower below."""
     pretrained: str | None = None
-    """Local open_clip checkpoint (.bin/.pt/.safetensors); None = random init (tests, the CPU demo)."""
+    """open_clip: a local checkpoint (.bin/.pt/.safetensors), None = random init (tests, the CPU demo);
+    transformers: the model folder (config.json + weights), required."""
+    tokenizer: str | None = None
+    """transformers: the tokenizer folder; None = the model folder, or a pipeline's tokenizer/ beside it."""
     width: int = 256
     heads: int = 4
     layers: int = 4
     context_length: int = 77
     vocab_size: int = 49408
-    layer: str = "penultimate"
-    """penultimate (SD2) or last."""
+    layer: str | None = None
+    """last | penultimate (= diffusers' clip_skip=1); None = the encoder's convention: penultimate for OpenCLIP
+    (SD2), last for transformers (SD 1.x CLIP-L, and SD2's converted 23-layer CLIP, whose last is OpenCLIP's
+    penultimate)."""
 
     def __post_init__(self) -> None:
-        if self.layer not in ("penultimate", "last"):
+        if self.kind not in KINDS:
+            raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
+        if self.layer not in (None, "penultimate", "last"):
             raise ValueError(f"layer must be penultimate or last, got {self.layer!r}")
+
+    @property
+    def resolved_layer(self) -> str:
+        return self.layer or ("penultimate" if self.kind == "open_clip" else "last")
 
     def identity(self) -> dict[str, Any]:
         """What makes two text encoders give the same hidden states: recorded with pre-encoded `text.npy` and
-        compared by the loader (weights by file name; custom towers by their dimensions)."""
+        compared by the loader. Weights are fingerprinted by their content (sha256), not their file name."""
         return {
-            "name": self.arch or "custom",
-            "pretrained": os.path.basename(self.pretrained) if self.pretrained else None,
-            "layer": self.layer,
-            "dims": None if self.arch else {"width": self.width, "heads": self.heads, "layers": self.layers},
+            "kind": self.kind,
+            "name": (self.arch or "custom") if self.kind == "open_clip" else "transformers",
+            "weights_sha256": content_fingerprint(self.pretrained) if self.pretrained else None,
+            "tokenizer_sha256": content_fingerprint(self._tokenizer_folder()) if self.kind != "open_clip" else None,
+            "layer": self.resolved_layer,
+            "dims": None if self.arch or self.kind != "open_clip" else self._dims(),
             "context_length": self.context_length,
         }
+
+    def _dims(self) -> dict[str, int]:
+        return {"width": self.width, "heads": self.heads, "layers": self.layers}
+
+    def _tokenizer_folder(self) -> str:
+        from sdtrain.models.hf_text import tokenizer_folder
+
+        return tokenizer_folder(self.pretrained or "", self.tokenizer)
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "vocab.txt", "tokenizer_config.json")
+
+
+def content_fingerprint(path: str) -> str:
+    """sha256 of a weights file, or of a folder's weight/tokenizer files (names and bytes, in name order)."""
+    if os.path.isfile(path):
+        files = [path]
+    elif os.path.isdir(path):
+        names = sorted(n for n in os.listdir(path) if n.endswith(WEIGHT_SUFFIXES) or n in TOKENIZER_FILES)
+        files = [os.path.join(path, n) for n in names]
+    else:
+        raise CheckpointError(f"text encoder weights not found: {path}")
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(os.path.basename(file).encode() + b"\0")
+        with open(file, "rb") as f:
+            for chunk in iter(lambda f=f: f.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _fast_clean(text: str) -> str:
@@ -96,8 +151,35 @@ class CLIPTokenizer:
         return torch.from_numpy(out)
 
 
-def build_tokenizer(context_length: int = 77) -> CLIPTokenizer:
-    return CLIPTokenizer(context_length)
+def build_tokenizer(cfg: TextEncoderConfig | int = 77, files: dict[str, str] | None = None) -> Tokenizer:
+    """The tokenizer of a text encoder config (or open_clip's BPE at a context length); `files` are a transformers
+    tokenizer's files as saved in a checkpoint's spec (used instead of the folder)."""
+    if isinstance(cfg, int):
+        return CLIPTokenizer(cfg)
+    if cfg.kind == "open_clip":
+        return CLIPTokenizer(cfg.context_length)
+    from sdtrain.models.hf_text import HFTokenizer, tokenizer_folder
+
+    if files is None:
+        return HFTokenizer(tokenizer_folder(cfg.pretrained or "", cfg.tokenizer), cfg.context_length)
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, text in files.items():
+            with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
+                f.write(text)
+        return HFTokenizer(tmp, cfg.context_length)
+
+
+def tokenizer_files(cfg: TextEncoderConfig) -> dict[str, str] | None:
+    """A transformers tokenizer's files as text (kept in checkpoints so they rebuild the tokenizer anywhere)."""
+    if cfg.kind == "open_clip":
+        return None
+    folder = cfg._tokenizer_folder()
+    out = {}
+    for name in sorted(os.listdir(folder)):
+        if name in TOKENIZER_FILES or name == "special_tokens_map.json":
+            with open(os.path.join(folder, name), encoding="utf-8") as f:
+                out[name] = f.read()
+    return out
 
 
 class FrozenOpenCLIPText(nn.Module):
@@ -150,9 +232,19 @@ def build_text_tower(cfg: TextEncoderConfig) -> nn.Module:
     )
 
 
-def build_text_encoder(cfg: TextEncoderConfig) -> FrozenOpenCLIPText:
+def build_text_encoder(cfg: TextEncoderConfig, architecture: dict[str, Any] | None = None) -> nn.Module:
+    """The frozen text encoder: OpenCLIP, or transformers (loaded from `cfg.pretrained`, or a random-init model of
+    `architecture` when rebuilding from a checkpoint, whose state dict then fills it)."""
+    if cfg.kind == "transformers":
+        from sdtrain.models.hf_text import FrozenHFText, hf_from_config, load_hf_text_model
+
+        if architecture is None and not cfg.pretrained:
+            raise ConfigError("model.text_encoder.kind=transformers needs model.text_encoder.pretrained (a folder)")
+        model = hf_from_config(architecture) if architecture else load_hf_text_model(cfg.pretrained)
+        pad = getattr(model.config, "pad_token_id", None)
+        return FrozenHFText(model, cfg.resolved_layer, 0 if pad is None else int(pad))
     if cfg.pretrained is None:
-        return FrozenOpenCLIPText(build_text_tower(cfg), cfg.layer)
+        return FrozenOpenCLIPText(build_text_tower(cfg), cfg.resolved_layer)
     if cfg.arch is None:
         raise ConfigError("model.text_encoder.pretrained needs model.text_encoder.arch (an open_clip name)")
     if cfg.arch not in open_clip.list_models():
@@ -163,4 +255,4 @@ def build_text_encoder(cfg: TextEncoderConfig) -> FrozenOpenCLIPText:
     clip = open_clip.create_model(
         cfg.arch, pretrained=cfg.pretrained, force_custom_text=True, pretrained_text=False, weights_only=True
     )
-    return FrozenOpenCLIPText(clip.text, cfg.layer)
+    return FrozenOpenCLIPText(clip.text, cfg.resolved_layer)

@@ -109,7 +109,7 @@ class Encoder:
 
             text_cfg = TextEncoderConfig(**cfg.text_encoder)
             self.text = build_text_encoder(text_cfg).to(cfg.device)
-            self.tokenizer = build_tokenizer(text_cfg.context_length)
+            self.tokenizer = build_tokenizer(text_cfg)
 
     @torch.no_grad()
     def moments(self, pixels: list[np.ndarray]) -> np.ndarray:

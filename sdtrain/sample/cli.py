@@ -68,7 +68,7 @@ def sample_images(
     progress: bool = False,
 ) -> torch.Tensor:
     """Images (N, 3, H, W) in [0, 1] for (prompt, seed) pairs, `batch_size` at a time."""
-    tokenizer = model.tokenizer()
+    tokenizer = model.tokenizer
     out = []
     batches = range(0, len(pairs), batch_size)
     for start in tqdm(batches, desc="sampling", unit="batch", disable=not progress):

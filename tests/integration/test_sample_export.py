@@ -53,7 +53,7 @@ def test_guidance_one_equals_the_conditional_only_path(ckpt):
     model = load_trained(ckpt)
     cfg = SamplingConfig(steps=4, guidance=1.0, negative_prompt="blue car")
     fast = sample_images(model, PAIRS[:2], cfg, batch_size=2, latent_shape=model.latent_shape)
-    tokenizer = model.tokenizer()
+    tokenizer = model.tokenizer
     cond = model.text_encoder(tokenizer([p for p, _ in PAIRS[:2]]))
     uncond = model.text_encoder(tokenizer(["blue car"] * 2))
     scheduler = build_scheduler("ddim", model.diffusion.scheduler_config())
