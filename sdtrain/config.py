@@ -18,12 +18,19 @@ from sdtrain.errors import ConfigError
 T = TypeVar("T")
 
 
-def config_error_line(exc: BaseException) -> str:
-    """Hydra's/OmegaConf's multi-line message as one line (the indented full_key/object_type lines dropped)."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip() and not line.startswith((" ", "\t"))]
-    cause = exc.__cause__
-    if isinstance(cause, OmegaConfBaseException):
-        lines += [line.strip() for line in str(cause).splitlines() if line.strip() and not line.startswith(" ")]
+def config_error_line(exc: BaseException, where: str | None = None) -> str:
+    """Hydra's/OmegaConf's multi-line message as one line, naming the key (`where` prefixes a relative one)."""
+
+    def own_lines(error: BaseException) -> list[str]:
+        lines = [line.strip() for line in str(error).splitlines() if line.strip() and not line[0].isspace()]
+        key = getattr(error, "full_key", None)
+        if key and lines:
+            lines[-1] = f"{where}.{key}: {lines[-1]}" if where else f"{key}: {lines[-1]}"
+        return lines
+
+    lines = own_lines(exc)
+    if isinstance(exc.__cause__, OmegaConfBaseException):
+        lines += own_lines(exc.__cause__)
     return "; ".join(dict.fromkeys(lines)) or type(exc).__name__
 
 
@@ -42,15 +49,24 @@ def unknown_key(node: Any, where: str) -> str | None:
     return None
 
 
-def to_object(node: Any, where: str) -> Any:
-    """The dataclass behind a typed OmegaConf node (`cfg.data` -> LatentDataConfig); its checks -> ConfigError."""
+def to_object(node: Any, where: str, schema: type | None = None) -> Any:
+    """The dataclass behind a typed OmegaConf node (`cfg.data` -> LatentDataConfig); its checks -> ConfigError.
+    An untyped node (a user's own YAML that does not start from the group's `_schema`) is checked against
+    `schema` first, as if it had."""
+    if schema is not None and not dataclasses.is_dataclass(OmegaConf.get_type(node)):
+        try:
+            node = OmegaConf.merge(OmegaConf.structured(schema), node)
+        except OmegaConfBaseException as exc:
+            raise ConfigError(config_error_line(exc, where)) from None
     problem = unknown_key(node, where)
     if problem:
         raise ConfigError(problem)
     try:
         return OmegaConf.to_object(node)
-    except (ValueError, TypeError, OmegaConfBaseException) as exc:  # __post_init__ checks, OmegaConf validation
-        raise ConfigError(f"{where}: {config_error_line(exc)}") from None
+    except OmegaConfBaseException as exc:  # OmegaConf validation: the message names the key
+        raise ConfigError(config_error_line(exc, where)) from None
+    except (ValueError, TypeError) as exc:  # the dataclass's __post_init__ checks
+        raise ConfigError(f"{where}: {exc}") from None
 
 
 def from_values(cls: type[T], values: dict[str, Any] | None, where: str) -> T:
@@ -60,5 +76,5 @@ def from_values(cls: type[T], values: dict[str, Any] | None, where: str) -> T:
     try:
         node = OmegaConf.merge(OmegaConf.structured(cls), values or {})
     except OmegaConfBaseException as exc:
-        raise ConfigError(f"{where}: {config_error_line(exc)}") from None
+        raise ConfigError(config_error_line(exc, where)) from None
     return to_object(node, where)

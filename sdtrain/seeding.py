@@ -51,6 +51,11 @@ def python_rng(*words: object) -> random.Random:
     return random.Random("/".join(str(w) for w in words))
 
 
+def crop_rng(seed: int, key: str) -> random.Random:
+    """sdtrain-encode's random crop of sample `key` (this string form: re-runs and resumed encodes crop alike)."""
+    return random.Random(f"{seed}:{key}")
+
+
 def numpy_rng(*words: int) -> np.random.Generator:
     return np.random.default_rng(list(words))
 

@@ -48,7 +48,7 @@ def trained_run(tmp_path_factory, dataset, val_dataset) -> Path:
 
 
 def pytest_collection_modifyitems(config, items):
-    """`gpu` tests need a CUDA device: skipped (with the reason) where there is none; bench/gpu_check.sh runs them."""
+    """`gpu` tests need a CUDA device: skipped (with the reason) where there is none."""
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")

@@ -15,7 +15,11 @@ from typing import Any
 
 import torch
 
+LAST_NAME = "last.ckpt"  # DIR/checkpoints/last.ckpt: always the newest state
+STEP_NAME = "step_{step:06d}"  # DIR/checkpoints/step_000500.ckpt (Lightning's filename template)
 SDTRAIN_KEY = "sdtrain"
+SPEC_KEY = "spec"  # checkpoint["sdtrain"]["spec"]: rebuilds the model (spec.py)
+WANDB_ID_KEY = "wandb_run_id"  # checkpoint["sdtrain"]["wandb_run_id"]: a resumed run logs into the same run
 EMA_STATE_KEY = "EMACallback"  # the EMA callback's state_key (its class name, as Lightning's default gave it)
 PARTS = ("unet", "vae", "text_encoder")  # state_dict prefixes: the LightningModule's attribute names
 CONSOLIDATED_UNET, CONSOLIDATED_EMA = "unet.", "ema."

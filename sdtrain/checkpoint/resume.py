@@ -11,11 +11,12 @@ import re
 import shutil
 
 from sdtrain.checkpoint.files import load_checkpoint_meta
+from sdtrain.checkpoint.format import LAST_NAME
 from sdtrain.checkpoint.sharded import OLD_SUFFIX, TMP_SUFFIX
 from sdtrain.errors import CheckpointError
 
 log = logging.getLogger(__name__)
-STEP_PATTERN = re.compile(r"step_(\d+)\.ckpt$")
+STEP_PATTERN = re.compile(r"step_(\d+)\.ckpt$")  # format.STEP_NAME + ".ckpt"
 
 
 def _candidates(ckpt_dir: str) -> list[str]:
@@ -28,7 +29,7 @@ def _candidates(ckpt_dir: str) -> list[str]:
         if match:
             steps.append((int(match.group(1)), name))
     ordered = [os.path.join(ckpt_dir, name) for _, name in sorted(steps, reverse=True)]
-    last = os.path.join(ckpt_dir, "last.ckpt")
+    last = os.path.join(ckpt_dir, LAST_NAME)
     return ([last] if os.path.exists(last) else []) + ordered
 
 

@@ -15,7 +15,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from torch import nn
 
 from sdtrain.checkpoint.files import load_full_checkpoint
-from sdtrain.checkpoint.format import PARTS, WEIGHTS, find_ema_state, part_state, sdtrain_state
+from sdtrain.checkpoint.format import PARTS, SPEC_KEY, WEIGHTS, find_ema_state, part_state, sdtrain_state
 from sdtrain.checkpoint.spec import model_config
 from sdtrain.data.normalizer import LatentNormalizer
 from sdtrain.diffusion.objective import DiffusionConfig
@@ -46,7 +46,7 @@ def load_trained(path: str, weights: str = "ema", device: str | torch.device = "
     if weights not in WEIGHTS:
         raise CheckpointError(f"weights must be one of {WEIGHTS}, got {weights!r}")
     checkpoint = load_full_checkpoint(path)
-    spec = sdtrain_state(checkpoint).get("spec")
+    spec = sdtrain_state(checkpoint).get(SPEC_KEY)
     if not spec:
         raise CheckpointError(f"checkpoint {path} has no model spec (checkpoint['sdtrain']['spec']); re-save it")
     config = model_config(spec)

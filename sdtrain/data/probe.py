@@ -44,12 +44,14 @@ def probe_dataset(shard_set: ShardSet, cfg: LatentDataConfig, latent_channels: i
     return tuple(latent.shape)
 
 
-def check_text_embeddings(manifest: dict[str, Any], expected: dict[str, Any]) -> None:
+def check_text_embeddings(manifest: dict[str, Any], text_config: Any) -> None:
     """Pre-encoded text.npy is only usable from the very text encoder this run has (never silently mixed);
-    `expected` is that encoder's identity (models.text_encoder.TextEncoderConfig.identity)."""
+    `text_config` is that encoder's TextEncoderConfig (its identity fingerprints the weights by content;
+    manifests from before fingerprints, without `kind`, are compared by their old record)."""
     recorded = (manifest or {}).get("text_encoder")
     if not recorded:
         raise DataError("data.text_embeddings=true but the manifest names no text encoder (shards without text.npy)")
+    expected = text_config.identity() if "kind" in recorded else text_config.legacy_identity()
     differ = sorted(k for k in expected if recorded.get(k) != expected[k])
     if differ:
         k = differ[0]
@@ -59,11 +61,11 @@ def check_text_embeddings(manifest: dict[str, Any], expected: dict[str, Any]) ->
         )
 
 
-def probe(cfg: LatentDataConfig, *, latent_channels: int, text_identity: dict[str, Any]) -> ProbedData:
+def probe(cfg: LatentDataConfig, *, latent_channels: int, text_config: Any) -> ProbedData:
     """The training set resolved and checked: shards, latent shape of its first sample, normalisation."""
     shard_set = resolve_shards(cfg.shards)
     latent_shape = probe_dataset(shard_set, cfg, latent_channels)
     if cfg.text_embeddings:
-        check_text_embeddings(shard_set.manifest, text_identity)
+        check_text_embeddings(shard_set.manifest, text_config)
     normalizer = LatentNormalizer.resolve(cfg.scaling_factor, cfg.shift_factor, shard_set.manifest)
     return ProbedData(shard_set, latent_shape, normalizer)

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torchvision.utils import make_grid, save_image
 
+from sdtrain.checkpoint.format import LAST_NAME
 from sdtrain.demo.emoji_images import CaptionedImage, emoji_pairs, load_pixels
 from sdtrain.demo.vae_training import VAETrainConfig, encode_moments, latent_statistics, psnr, train_vae
 from sdtrain.prep.shard_writer import LatentSample, write_shards
@@ -143,7 +144,7 @@ def evaluate_run(run_dir: str, out: str) -> int:
 
     ckpt_dir = os.path.join(run_dir, "checkpoints")
     steps = sorted(f for f in os.listdir(ckpt_dir) if f.startswith("step_") and f.endswith(".ckpt"))
-    checkpoints = [os.path.join(ckpt_dir, f) for f in steps[:1]] + [os.path.join(ckpt_dir, "last.ckpt")]
+    checkpoints = [os.path.join(ckpt_dir, f) for f in steps[:1]] + [os.path.join(ckpt_dir, LAST_NAME)]
     return eval_main(
         [*checkpoints, "--real", os.path.join(out, "real"), "--out", os.path.join(out, "eval"), "--baseline"]
         + ["--num-images", str(FID_IMAGES), "--steps", "20", "--guidance", "6"]

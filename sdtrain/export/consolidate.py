@@ -20,7 +20,14 @@ import torch
 from safetensors.torch import save_file
 
 from sdtrain.checkpoint.files import load_full_checkpoint
-from sdtrain.checkpoint.format import CONSOLIDATED_EMA, CONSOLIDATED_UNET, find_ema_state, part_state, sdtrain_state
+from sdtrain.checkpoint.format import (
+    CONSOLIDATED_EMA,
+    CONSOLIDATED_UNET,
+    SPEC_KEY,
+    find_ema_state,
+    part_state,
+    sdtrain_state,
+)
 from sdtrain.errors import CheckpointError, command_line
 
 log = logging.getLogger("sdtrain.consolidate")
@@ -51,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     metadata = {
         "format": "pt",
         "global_step": str(checkpoint.get("global_step", -1)),
-        "sdtrain_spec": json.dumps(sdtrain_state(checkpoint).get("spec") or {}),
+        "sdtrain_spec": json.dumps(sdtrain_state(checkpoint).get(SPEC_KEY) or {}),
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     tmp = f"{args.out}.tmp-{os.getpid()}"

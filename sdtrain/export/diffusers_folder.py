@@ -85,9 +85,9 @@ def _save_text_encoder(model: TrainedModel, out: str) -> dict[str, list[str | No
     text_dir = os.path.join(out, "text_encoder")
     if model.text_config.kind == "transformers":
         hf_model = model.text_encoder.model
-        if not model.text_encoder.is_clip:  # diffusers then passes the padding mask, as sdtrain encodes
-            hf_model.config.use_attention_mask = True
         hf_model.save_pretrained(text_dir, safe_serialization=True)
+        if not model.text_encoder.is_clip:  # diffusers then passes the padding mask, as sdtrain encodes
+            _update_json(os.path.join(text_dir, "config.json"), use_attention_mask=True)
         tokenizer = model.tokenizer.tokenizer
         tokenizer.save_pretrained(os.path.join(out, "tokenizer"))
         return {
@@ -116,6 +116,12 @@ def _model_index(sampler: str, text_parts: dict[str, list[str | None]]) -> dict[
         "image_encoder": [None, None],
         "requires_safety_checker": False,
     }
+
+
+def _update_json(path: str, **values: Any) -> None:
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    _write_json(path, {**data, **values})
 
 
 def _write_json(path: str, data: dict[str, Any]) -> None:

@@ -14,9 +14,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -35,7 +37,17 @@ from sdtrain.training.callbacks.build import CallbacksConfig
 from sdtrain.training.optim import OptimConfig
 
 CONF_MODULE = "sdtrain.conf"
-CONF_PATH = f"pkg://{CONF_MODULE}"
+
+
+def _conf_path() -> str:
+    """pkg://sdtrain.conf where sdtrain is installed (wheel or editable); the checkout's conf/ when it is run
+    from a source tree that was never installed (PYTHONPATH=. python -m sdtrain.train)."""
+    if importlib.util.find_spec(CONF_MODULE) is not None:
+        return f"pkg://{CONF_MODULE}"
+    return str(Path(__file__).resolve().parents[2] / "conf")
+
+
+CONF_PATH = _conf_path()
 CONFIG_ERRORS = (HydraException, OmegaConfBaseException)
 
 # group -> (schema node name, dataclass): the presets in conf/GROUP/*.yaml start from these (`defaults: [_schema]`)
@@ -67,10 +79,14 @@ def to_plain(node: Any) -> Any:
 
 def compose_config(overrides: list[str]) -> DictConfig:
     """The training config for `overrides`, composed as `sdtrain-train` would (planner, SLURM launcher, demo)."""
-    from hydra import compose, initialize_config_module
+    from hydra import compose, initialize_config_dir, initialize_config_module
 
     register_configs()
-    with initialize_config_module(config_module=CONF_MODULE, version_base="1.3"):
+    if CONF_PATH.startswith("pkg://"):
+        context = initialize_config_module(config_module=CONF_MODULE, version_base="1.3")
+    else:
+        context = initialize_config_dir(config_dir=CONF_PATH, version_base="1.3")
+    with context:
         return compose("train", overrides=overrides)
 
 

@@ -18,7 +18,7 @@ import torch
 from omegaconf import DictConfig
 
 from sdtrain.config import config_error_line, to_object
-from sdtrain.errors import SdtrainError, one_line
+from sdtrain.errors import ConfigError, SdtrainError, one_line
 from sdtrain.launch.config import CONFIG_ERRORS, compose_config
 from sdtrain.models.builder import ModelConfig, build_model
 from sdtrain.training.metrics import PEAK_FLOPS, precision_key, training_flops_per_image
@@ -61,7 +61,9 @@ def per_rank_memory(
     return MemoryPlan(weights, grads, optimizer, ema, (2 if half else 4) * frozen, activation_bytes)
 
 
-def saved_activation_bytes(unet: torch.nn.Module, latent_shape: tuple[int, ...], context_dim: int) -> tuple[int, int]:
+def saved_activation_bytes(
+    unet: torch.nn.Module, latent_shape: tuple[int, ...], context_dim: int, context_length: int = 77
+) -> tuple[int, int]:
     """Bytes of tensors autograd keeps for backward in one U-Net forward at batch 1 (on the meta device), as
     (everything but self-attention matrices, self-attention matrices). The meta device runs SDPA's math path,
     which saves the (tokens x tokens) probabilities; flash/memory-efficient kernels on GPU do not."""
@@ -78,12 +80,21 @@ def saved_activation_bytes(unet: torch.nn.Module, latent_shape: tuple[int, ...],
         return tensor
 
     with torch.device("meta"), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        unet(torch.randn(1, *latent_shape), torch.tensor([500]), encoder_hidden_states=torch.randn(1, 77, context_dim))
+        unet(
+            torch.randn(1, *latent_shape),
+            torch.tensor([500]),
+            encoder_hidden_states=torch.randn(1, context_length, context_dim),
+        )
     return total, attention
 
 
 def plan(cfg: DictConfig, *, gpu: str, gpus: int, sharding: str, images: float, assumed_mfu: float) -> str:
-    model_cfg: ModelConfig = to_object(cfg.model, "model")
+    model_cfg: ModelConfig = to_object(cfg.model, "model", ModelConfig)
+    if model_cfg.pretrained or model_cfg.text_encoder.kind != "open_clip":
+        raise ConfigError(
+            "sdtrain-plan counts the model presets' architectures on the meta device; it does not read "
+            "model.pretrained folders or transformers text encoders: plan with the matching preset (model=sd15|sd2)"
+        )
     precision = str(cfg.trainer.precision)
     half = precision.startswith(("bf16", "16"))
     with torch.device("meta"):  # the training builder, random init, nothing allocated
@@ -95,7 +106,8 @@ def plan(cfg: DictConfig, *, gpu: str, gpus: int, sharding: str, images: float, 
     latent_shape = (unet.config.in_channels, size, size)
     context = unet.config.cross_attention_dim
     flops = training_flops_per_image(unet, latent_shape, text, parts.tokenizer.context_length)
-    activations, attention = (b * (0.5 if half else 1.0) for b in saved_activation_bytes(unet, latent_shape, context))
+    saved = saved_activation_bytes(unet, latent_shape, context, parts.tokenizer.context_length)
+    activations, attention = (b * (0.5 if half else 1.0) for b in saved)
     batch = int(cfg.data.batch_size)
     memory = per_rank_memory(trainable, frozen, activations * batch, sharding=sharding, ranks=gpus, half=half)
     if gpu not in PEAK_FLOPS:

@@ -52,4 +52,7 @@ def build_strategy(cfg: StrategyConfig, trainer: dict[str, Any], batch_size: int
         return build_zero_strategy(cfg, trainer, batch_size)
     if isinstance(cfg, FSDPConfig):
         return build_fsdp_strategy(cfg)
-    raise ConfigError(f"strategy: unknown kind {type(cfg).__name__} (auto, ddp, deepspeed_zero1/2/3, fsdp)")
+    raise ConfigError(
+        "strategy: a strategy config must start from one of the schemas (defaults: [_auto | _ddp | _deepspeed | "
+        "_fsdp]), as conf/strategy/*.yaml do"
+    )

@@ -21,7 +21,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
 from sdtrain.checkpoint.files import AtomicCheckpointIO, load_checkpoint_meta, state_dict_mismatch
-from sdtrain.checkpoint.format import sdtrain_state
+from sdtrain.checkpoint.format import WANDB_ID_KEY, sdtrain_state
 from sdtrain.checkpoint.resume import resolve_resume
 from sdtrain.checkpoint.spec import build_spec
 from sdtrain.checkpoint.weights import read_weights
@@ -29,7 +29,7 @@ from sdtrain.config import to_object
 from sdtrain.data.datamodule import LatentDataModule
 from sdtrain.data.loader import LatentDataConfig, LatentStream
 from sdtrain.data.probe import probe
-from sdtrain.diffusion.objective import DiffusionObjective
+from sdtrain.diffusion.objective import DiffusionConfig, DiffusionObjective
 from sdtrain.errors import CheckpointError, ConfigError, SdtrainError, one_line
 from sdtrain.launch.config import CONF_PATH, one_line_config_errors, register_configs, to_plain
 from sdtrain.launch.loggers import build_loggers
@@ -38,15 +38,16 @@ from sdtrain.launch.strategy import build_strategy
 from sdtrain.models.builder import ModelConfig, build_model
 from sdtrain.models.pipeline_folder import scheduler_config
 from sdtrain.seeding import seed_everything
-from sdtrain.training.callbacks.build import build_callbacks
+from sdtrain.training.callbacks.build import CallbacksConfig, build_callbacks
 from sdtrain.training.module import LatentDiffusionModule
+from sdtrain.training.optim import OptimConfig
 
 log = logging.getLogger("sdtrain")
 
 
 def build_module(cfg: DictConfig, data: LatentDataConfig) -> tuple[LatentDiffusionModule, LatentDataModule]:
     """The LightningModule (model + objective + optimizer settings) and the data stream for `cfg`."""
-    model: ModelConfig = to_object(cfg.model, "model")
+    model: ModelConfig = to_object(cfg.model, "model", ModelConfig)
     if model.unet.config.get("addition_embed_type"):
         raise ConfigError(
             "model.unet.config.addition_embed_type is set (SDXL micro-conditioning), which the training step "
@@ -54,8 +55,8 @@ def build_module(cfg: DictConfig, data: LatentDataConfig) -> tuple[LatentDiffusi
         )
     parts = build_model(model, read=read_weights)  # sdtrain checkpoints are valid `pretrained` files too
     channels = parts.unet.config.in_channels
-    probed = probe(data, latent_channels=channels, text_identity=parts.text_config.identity())
-    diffusion = to_object(cfg.diffusion, "diffusion")
+    probed = probe(data, latent_channels=channels, text_config=parts.text_config)
+    diffusion = to_object(cfg.diffusion, "diffusion", DiffusionConfig)
     if model.pretrained:  # the released model's schedule, for every diffusion.* key left at its default
         diffusion = diffusion.with_schedule_of(scheduler_config(model.pretrained))
     module = LatentDiffusionModule(
@@ -64,7 +65,7 @@ def build_module(cfg: DictConfig, data: LatentDataConfig) -> tuple[LatentDiffusi
         vae=parts.vae,
         tokenizer=parts.tokenizer,
         objective=DiffusionObjective(diffusion),
-        optim=to_object(cfg.optim, "optim"),
+        optim=to_object(cfg.optim, "optim", OptimConfig),
         normalizer=probed.normalizer,
         latent_shape=probed.latent_shape,
         seed=cfg.seed,
@@ -89,7 +90,7 @@ def build_module(cfg: DictConfig, data: LatentDataConfig) -> tuple[LatentDiffusi
 
 def run(cfg: DictConfig, run_dir: str) -> L.Trainer:
     seed_everything(cfg.seed)
-    data: LatentDataConfig = to_object(cfg.data, "data")
+    data: LatentDataConfig = to_object(cfg.data, "data", LatentDataConfig)
     module, datamodule = build_module(cfg, data)
     trainer_kwargs: dict[str, Any] = to_plain(cfg.trainer)
     if not trainer_kwargs.get("max_steps") or trainer_kwargs["max_steps"] < 1:
@@ -97,12 +98,11 @@ def run(cfg: DictConfig, run_dir: str) -> L.Trainer:
     log_placement()
     ckpt_path = resolve_resume(cfg.resume, run_dir)
     # A resumed run keeps logging into the W&B run its checkpoint came from.
-    resumed_id = sdtrain_state(load_checkpoint_meta(ckpt_path)).get("wandb_run_id") if ckpt_path else None
+    resumed_id = sdtrain_state(load_checkpoint_meta(ckpt_path)).get(WANDB_ID_KEY) if ckpt_path else None
     loggers = build_loggers(to_plain(cfg.logger), run_dir, rank_zero_only.rank, resumed_id)
-    module.run_metadata = {"wandb_run_id": next((lg.version for lg in loggers if isinstance(lg, WandbLogger)), None)}
-    callbacks = build_callbacks(
-        to_object(cfg.callbacks, "callbacks"), run_dir, val_shards=data.val_shards, latent_key=data.latent_key
-    )
+    module.run_metadata = {WANDB_ID_KEY: next((lg.version for lg in loggers if isinstance(lg, WandbLogger)), None)}
+    callbacks_cfg = to_object(cfg.callbacks, "callbacks", CallbacksConfig)
+    callbacks = build_callbacks(callbacks_cfg, run_dir, val_shards=data.val_shards, latent_key=data.latent_key)
     strategy = build_strategy(to_object(cfg.strategy, "strategy"), trainer_kwargs, data.batch_size)
     # Under SLURM our RequeueOnSignal does the requeue (into DIR/checkpoints), not Lightning's hpc_ckpt.
     environment = [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else []

@@ -66,7 +66,8 @@ def build_model(
         if text_cfg.kind == "open_clip":
             text_cfg = replace(text_cfg, pretrained=None)
     unet = build_unet(unet_cfg, read)
-    text_encoder = build_text_encoder(text_cfg, architecture)
+    tokenizer = build_tokenizer(text_cfg, files)
+    text_encoder = build_text_encoder(text_cfg, architecture, getattr(tokenizer, "pad_token_id", None))
     if unet.config.cross_attention_dim != text_encoder.width:
         raise ConfigError(
             f"model.unet.config.cross_attention_dim={unet.config.cross_attention_dim} but the text encoder "
@@ -78,6 +79,6 @@ def build_model(
         unet=unet,
         vae=build_vae(vae_cfg, read),
         text_encoder=text_encoder,
-        tokenizer=build_tokenizer(text_cfg, files),
+        tokenizer=tokenizer,
         text_config=text_cfg,
     )

@@ -30,8 +30,7 @@ def read_model_index(path: str) -> dict[str, Any]:
     index_file = os.path.join(path, "model_index.json")
     if not os.path.isfile(index_file):
         raise ConfigError(f"model.pretrained={path} is not a diffusers pipeline folder (no model_index.json)")
-    with open(index_file, encoding="utf-8") as f:
-        index = json.load(f)
+    index = _read_json(index_file, f"model.pretrained={path}")
     kind = index.get("_class_name")
     if kind not in PIPELINES:
         raise ConfigError(f"model.pretrained={path} is a {kind}; sdtrain trains {', '.join(PIPELINES)} folders")
@@ -46,7 +45,7 @@ def from_pipeline(cfg: Any) -> Any:
     path = cfg.pretrained
     read_model_index(path)
     text = cfg.text_encoder
-    if text.kind != "transformers" or not text.pretrained:
+    if not text.pretrained:
         text = replace(
             text,
             kind="transformers",
@@ -63,5 +62,17 @@ def from_pipeline(cfg: Any) -> Any:
 
 def scheduler_config(path: str) -> dict[str, Any]:
     """The pipeline's training schedule (betas, prediction type) from scheduler/scheduler_config.json."""
-    with open(os.path.join(path, "scheduler", "scheduler_config.json"), encoding="utf-8") as f:
-        return json.load(f)
+    return _read_json(os.path.join(path, "scheduler", "scheduler_config.json"), f"model.pretrained={path}")
+
+
+def _read_json(path: str, where: str) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except OSError as exc:
+        raise ConfigError(f"{where}: cannot read {os.path.basename(path)} ({exc.strerror})") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{where}: {os.path.basename(path)} is not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: {os.path.basename(path)} is not a JSON object")
+    return data

@@ -8,6 +8,7 @@ local open_clip checkpoint; the tokenizer is open_clip's real BPE (its vocab shi
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import tempfile
@@ -74,6 +75,16 @@ class TextEncoderConfig:
             "context_length": self.context_length,
         }
 
+    def legacy_identity(self) -> dict[str, Any]:
+        """The record manifests written before content fingerprints kept (weights by file name only)."""
+        return {
+            "name": self.arch or "custom",
+            "pretrained": os.path.basename(self.pretrained) if self.pretrained else None,
+            "layer": self.resolved_layer,
+            "dims": None if self.arch else self._dims(),
+            "context_length": self.context_length,
+        }
+
     def _dims(self) -> dict[str, int]:
         return {"width": self.width, "heads": self.heads, "layers": self.layers}
 
@@ -88,7 +99,13 @@ TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "vocab.txt", "t
 
 
 def content_fingerprint(path: str) -> str:
-    """sha256 of a weights file, or of a folder's weight/tokenizer files (names and bytes, in name order)."""
+    """sha256 of a weights file, or of a folder's weight/tokenizer files (names and bytes, in name order);
+    computed once per process for the same files (path, size and modification time)."""
+    files = _fingerprinted_files(path)
+    return _fingerprint(tuple((f, os.path.getsize(f), os.path.getmtime(f)) for f in files))
+
+
+def _fingerprinted_files(path: str) -> list[str]:
     if os.path.isfile(path):
         files = [path]
     elif os.path.isdir(path):
@@ -96,8 +113,13 @@ def content_fingerprint(path: str) -> str:
         files = [os.path.join(path, n) for n in names]
     else:
         raise CheckpointError(f"text encoder weights not found: {path}")
+    return files
+
+
+@functools.lru_cache(maxsize=8)
+def _fingerprint(stats: tuple[tuple[str, int, float], ...]) -> str:
     digest = hashlib.sha256()
-    for file in files:
+    for file, _, _ in stats:
         digest.update(os.path.basename(file).encode() + b"\0")
         with open(file, "rb") as f:
             for chunk in iter(lambda f=f: f.read(1 << 20), b""):
@@ -232,16 +254,19 @@ def build_text_tower(cfg: TextEncoderConfig) -> nn.Module:
     )
 
 
-def build_text_encoder(cfg: TextEncoderConfig, architecture: dict[str, Any] | None = None) -> nn.Module:
+def build_text_encoder(
+    cfg: TextEncoderConfig, architecture: dict[str, Any] | None = None, pad_token_id: int | None = None
+) -> nn.Module:
     """The frozen text encoder: OpenCLIP, or transformers (loaded from `cfg.pretrained`, or a random-init model of
-    `architecture` when rebuilding from a checkpoint, whose state dict then fills it)."""
+    `architecture` when rebuilding from a checkpoint, whose state dict then fills it). `pad_token_id` is the
+    tokenizer's (what a BERT-style model's padding mask is made from); default: the model config's."""
     if cfg.kind == "transformers":
         from sdtrain.models.hf_text import FrozenHFText, hf_from_config, load_hf_text_model
 
         if architecture is None and not cfg.pretrained:
             raise ConfigError("model.text_encoder.kind=transformers needs model.text_encoder.pretrained (a folder)")
         model = hf_from_config(architecture) if architecture else load_hf_text_model(cfg.pretrained)
-        pad = getattr(model.config, "pad_token_id", None)
+        pad = pad_token_id if pad_token_id is not None else getattr(model.config, "pad_token_id", None)
         return FrozenHFText(model, cfg.resolved_layer, 0 if pad is None else int(pad))
     if cfg.pretrained is None:
         return FrozenOpenCLIPText(build_text_tower(cfg), cfg.resolved_layer)

@@ -31,7 +31,7 @@ from sdtrain.prep.filters import FilterConfig, rejection
 from sdtrain.prep.images import decode_image, nearest_bucket, resize_and_crop
 from sdtrain.prep.shard_writer import LatentSample, ShardSink, manifest, write_json_atomic
 from sdtrain.prep.sources import InputPart, RawSample, iter_part, plan_parts
-from sdtrain.seeding import python_rng
+from sdtrain.seeding import crop_rng
 
 log = logging.getLogger(__name__)
 PARTS_DIR = "parts"
@@ -142,7 +142,7 @@ def prepare_sample(raw: RawSample, cfg: EncodeConfig) -> tuple[np.ndarray, str, 
         raise SampleError(f"filtered:{dropped}", "")
     buckets = [tuple(b) for b in cfg.buckets] if cfg.buckets else [(cfg.resolution, cfg.resolution)]
     bucket = nearest_bucket(image.width, image.height, buckets) if len(buckets) > 1 else buckets[0]
-    rng = python_rng(cfg.seed, raw.key)
+    rng = crop_rng(cfg.seed, raw.key)
     pixels, crop = resize_and_crop(image, bucket, random_crop=cfg.random_crop, rng=rng)
     laion = {k: raw.meta[k] for k in ("url", "aesthetic", "punsafe", "similarity", "pwatermark") if k in raw.meta}
     meta = {**crop.meta(), **laion, **({"bucket": list(bucket)} if cfg.buckets else {})}

@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from sdtrain.data.samples import SampleError
+from sdtrain.seeding import crop_rng
 
 Image.MAX_IMAGE_PIXELS = 16384 * 16384  # refuse decompression bombs above 268 MP, not LAION's large photos
 
@@ -74,7 +75,7 @@ def resize_and_crop(
     resized_w, resized_h = max(target_w, round(image.width * scale)), max(target_h, round(image.height * scale))
     resized = image.resize((resized_w, resized_h), Image.Resampling.BICUBIC, reducing_gap=3.0)
     if random_crop:
-        rng = rng or random.Random(0)
+        rng = rng or crop_rng(0, "")
         left, top = rng.randint(0, resized_w - target_w), rng.randint(0, resized_h - target_h)
     else:
         left, top = (resized_w - target_w) // 2, (resized_h - target_h) // 2

@@ -113,7 +113,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     parser.add_argument("--prompts-file", help="a UTF-8 text file, one prompt per line")
     parser.add_argument("--out", default="samples", help="output folder (default: samples)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="one image per prompt and seed")
+    parser.add_argument("--seeds", type=int, nargs="+", default=GRID.seeds, help="one image per prompt and seed")
     parser.add_argument("--sampler", choices=sorted(SCHEDULERS), default=GRID.sampler)
     parser.add_argument("--steps", type=int, default=GRID.steps, help=f"default {GRID.steps}, as training grids")
     parser.add_argument("--guidance", type=float, default=GRID.guidance, help="CFG scale; 1 = conditional only")

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from sdtrain.checkpoint.format import SDTRAIN_KEY, sdtrain_state
+from sdtrain.checkpoint.format import SDTRAIN_KEY, SPEC_KEY, sdtrain_state
 from sdtrain.data.loader import Tokenizer
 from sdtrain.data.normalizer import LatentNormalizer
 from sdtrain.diffusion.objective import DiffusionObjective
@@ -150,7 +150,7 @@ class LatentDiffusionModule(L.LightningModule):
             "skipped": dict(self.skipped),
             "nonfinite_skips": self.nonfinite_skips,
             "rng": states,
-            "spec": self.spec,
+            SPEC_KEY: self.spec,
             **self.run_metadata,
         }
 

@@ -1,4 +1,4 @@
-"""On a CUDA GPU (skipped elsewhere; bench/gpu_check.sh runs these): the real CLI trains in bf16 and resumes."""
+"""On a CUDA GPU (skipped elsewhere; `pytest -m gpu` there): the real CLI trains in bf16 on the device."""
 
 import pytest
 from helpers import run_train

@@ -105,3 +105,19 @@ def test_text_encoder_identity_is_the_weights_content_not_the_file_name(tmp_path
         )
     assert ids[0].identity()["weights_sha256"] != ids[1].identity()["weights_sha256"]
     assert REPO.is_dir()
+
+
+def test_manifests_from_before_fingerprints_are_still_read(tmp_path):
+    """Old manifests recorded the weights' file name: they still match the same file, and another name fails."""
+    from sdtrain.data.probe import check_text_embeddings
+    from sdtrain.errors import DataError
+    from sdtrain.models.text_encoder import TextEncoderConfig
+
+    weights = tmp_path / "open_clip_pytorch_model.bin"
+    torch.save({"w": torch.zeros(2)}, weights)
+    cfg = TextEncoderConfig(arch="ViT-L-14", pretrained=str(weights), layer="last")
+    old = {"name": "ViT-L-14", "pretrained": weights.name, "layer": "last", "dims": None, "context_length": 77}
+    check_text_embeddings({"text_encoder": old}, cfg)
+    with pytest.raises(DataError, match="pretrained: 'other.bin' there"):
+        check_text_embeddings({"text_encoder": {**old, "pretrained": "other.bin"}}, cfg)
+    check_text_embeddings({"text_encoder": {**cfg.identity(), "dtype": "float16"}}, cfg)

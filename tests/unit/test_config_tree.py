@@ -80,3 +80,20 @@ def test_a_user_config_dir_adds_an_experiment(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     job = yaml.safe_load(out.stdout)
     assert job["optim"]["lr"] == 3.0e-4 and job["data"]["batch_size"] == 8  # mine over tiny over the defaults
+
+
+def test_a_user_yaml_without_the_schema_is_checked_against_it():
+    from sdtrain.data.loader import LatentDataConfig
+    from sdtrain.errors import ConfigError
+
+    data = to_object(OmegaConf.create({"batch_size": 4, "shards": "/d/*.tar"}), "data", LatentDataConfig)
+    assert isinstance(data, LatentDataConfig) and data.batch_size == 4 and data.num_workers == 2
+    with pytest.raises(ConfigError, match="data.colour: Key 'colour' not in 'LatentDataConfig'"):
+        to_object(OmegaConf.create({"colour": "red"}), "data", LatentDataConfig)
+
+
+def test_planner_refuses_what_it_cannot_count_in_one_line(capsys):
+    from sdtrain.launch.plan import main
+
+    assert main(["--", "model.pretrained=/released/sd15"]) == 2
+    assert capsys.readouterr().err.startswith("error: sdtrain-plan counts the model presets")

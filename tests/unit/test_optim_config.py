@@ -29,11 +29,13 @@ def test_scheduler_drives_the_optimizer_lr():
 
 
 def test_from_values_rejects_unknown_keys_and_bad_types():
-    with pytest.raises(ConfigError, match="optim: Key 'lrr' not in 'OptimConfig'"):
+    with pytest.raises(ConfigError, match="optim.lrr: Key 'lrr' not in 'OptimConfig'"):
         from_values(OptimConfig, {"lrr": 1}, "optim")
-    with pytest.raises(ConfigError, match="optim: Value 'fast' of type 'str' could not be converted to Float"):
+    with pytest.raises(ConfigError, match="optim.lr: Value 'fast' of type 'str' could not be converted to Float"):
         from_values(OptimConfig, {"lr": "fast"}, "optim")
-    with pytest.raises(ConfigError, match="optim: Value '1.5' of type 'float' could not be converted to Integer"):
+    with pytest.raises(
+        ConfigError, match="optim.warmup_steps: Value '1.5' of type 'float' could not be converted to Integer"
+    ):
         from_values(OptimConfig, {"warmup_steps": 1.5}, "optim")
     with pytest.raises(ConfigError, match="schedule must be constant or cosine"):
         from_values(OptimConfig, {"schedule": "linear"}, "optim")

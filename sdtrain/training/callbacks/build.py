@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import lightning as L
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 
+from sdtrain.checkpoint.format import LAST_NAME
 from sdtrain.data.shards import resolve_shards
 from sdtrain.diffusion.sampling import SamplingConfig
 from sdtrain.errors import ConfigError
@@ -40,7 +41,7 @@ def build_callbacks(cfg: CallbacksConfig, run_dir: str, *, val_shards: object, l
         ThroughputCallback(peak_flops_override=cfg.peak_flops),
     ]
     if cfg.preemption.enabled and SLURMEnvironment.detect():
-        last = os.path.join(run_dir, "checkpoints", "last.ckpt")
+        last = os.path.join(run_dir, "checkpoints", LAST_NAME)
         requeue = cfg.preemption.requeue
         callbacks.append(RequeueOnSignal(ckpt_path=last, signal_name=cfg.preemption.signal, requeue=requeue))
     if cfg.ema.enabled:

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from sdtrain.checkpoint.format import STEP_NAME
+
 
 @dataclass(kw_only=True, slots=True)
 class CheckpointConfig:
@@ -34,7 +36,7 @@ class RunCheckpoint(ModelCheckpoint):
 def run_checkpoint(cfg: CheckpointConfig, run_dir: str) -> RunCheckpoint:
     return RunCheckpoint(
         dirpath=os.path.join(run_dir, "checkpoints"),
-        filename="step_{step:06d}",
+        filename=STEP_NAME,
         auto_insert_metric_name=False,
         every_n_train_steps=cfg.every_n_steps,
         save_top_k=cfg.keep_last,
