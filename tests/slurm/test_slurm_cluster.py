@@ -100,27 +100,39 @@ def test_two_node_zero3_job_resumes(cluster, tmp_path, dataset):
     assert load_checkpoint_meta(str(last))["global_step"] == 6
 
 
-def test_time_limit_saves_requeues_and_finishes(cluster, tmp_path, dataset):
-    """1-minute limit, warning signal: save, requeue, resume, finish the planned steps exactly, same W&B run."""
+def test_warning_signal_saves_requeues_and_finishes(cluster, tmp_path, dataset):
+    """SLURM's warning signal mid-run: save, requeue, resume, finish the planned steps exactly, same W&B run.
+
+    The test sends the signal itself (`scancel --signal=USR1`, what `sbatch --signal=USR1@N` sends at the time
+    limit) once the run has passed step 5, instead of waiting for SLURM's time-limit tick: that tick lands 0-30 s
+    after a start-up whose length depends on the machine's load, so a 1-minute-limit job could make 1 step a
+    cycle on a busy machine and never finish. Here only the deadlines depend on speed, not the outcome.
+    """
     run = tmp_path / "run"
-    steps = 200  # > one run's worth: the first run cannot finish before its warning signal
+    steps = 40
     job = submit(
         run,
         "--nodes",
         "2",
         "--time",
-        "1",
+        "10",
         "--signal-seconds",
         "30",
         "--",
         *TRAIN,
         f"data.shards={dataset}",
         f"trainer.max_steps={steps}",
-        "callbacks.checkpoint.every_n_steps=50",
+        "callbacks.checkpoint.every_n_steps=5",
         "logger=wandb",
         env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"},
     )
-    assert wait_for(job, 600) == "COMPLETED"
+    deadline = time.time() + 300
+    while last_ckpt_missing(run) or last_step(run) < 5:
+        assert time.time() < deadline and job_field(job, "JobState") in ("PENDING", "RUNNING", "CONFIGURING")
+        time.sleep(1)
+    assert last_step(run) < steps  # still training when the warning comes
+    subprocess.run(["scancel", "--signal=USR1", job], check=True)
+    assert wait_for(job, 600) == "COMPLETED", job_log(run, job)[-3000:]
     log = job_log(run, job)
     assert int(job_field(job, "Restarts")) >= 1
     assert "SIGUSR1 received: saved" in log and f"requeued SLURM job {job}" in log
