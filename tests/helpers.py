@@ -34,6 +34,19 @@ def run_train(run_dir: Path, *overrides: str, timeout: int = 600, env: dict | No
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=full_env)
 
 
+def plain_diffusers_classes(folder: str, cwd: Path) -> list[str]:
+    """Load `folder` with plain diffusers in a fresh process with no sdtrain import; its text encoder and
+    tokenizer classes (the folder is complete when this works)."""
+    code = (
+        "import sys; from diffusers import StableDiffusionPipeline as P; "
+        "p = P.from_pretrained(sys.argv[1], local_files_only=True); "
+        "assert 'sdtrain' not in sys.modules; print(type(p.text_encoder).__name__, type(p.tokenizer).__name__)"
+    )
+    plain = subprocess.run([sys.executable, "-c", code, folder], capture_output=True, text=True, cwd=cwd, timeout=300)
+    assert plain.returncode == 0, plain.stderr[-2000:]
+    return plain.stdout.split()
+
+
 def write_raw_tar(path: Path, samples) -> Path:
     """An img2dataset-style tar: KEY.png|jpg + KEY.txt + KEY.json per (key, image bytes, caption bytes, meta)."""
     import io
@@ -86,3 +99,18 @@ def emoji_raw_tars(out_dir: Path, count: int = 96, per_tar: int = 32, size: int 
             samples.append((f"{i:09d}", buf.getvalue(), pair.caption.encode(), meta, "png"))
         tars.append(write_raw_tar(out_dir / f"{t // per_tar:05d}.tar", samples))
     return tars
+
+
+def assert_same_parts(a, b, parts=("unet", "vae", "text_encoder")) -> None:
+    """Two diffusers pipelines hold the very same tensors in `parts`."""
+    import torch
+
+    for part in parts:
+        left, right = getattr(a, part).state_dict(), getattr(b, part).state_dict()
+        assert left.keys() == right.keys(), part
+        assert all(torch.equal(left[k], right[k]) for k in left), part
+
+
+def only_folder(path: Path) -> Path:
+    (folder,) = [p for p in path.iterdir() if p.is_dir()]
+    return folder

@@ -5,28 +5,11 @@ tokenizer's vocab.json/merges.txt are made from open_clip's BPE vocabulary (in i
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
-
-def clip_tokenizer_files(folder: Path, pad_token: str = "<|endoftext|>"):
-    """A transformers CLIPTokenizer (77 tokens) whose vocabulary and merges are open_clip's."""
-    import open_clip
-    from transformers import CLIPTokenizer
-
-    reference = open_clip.tokenizer.SimpleTokenizer()
-    vocab = dict(reference.encoder)
-    vocab["<|startoftext|>"] = vocab.pop("<start_of_text>")
-    vocab["<|endoftext|>"] = vocab.pop("<end_of_text>")
-    merges = sorted(reference.bpe_ranks, key=reference.bpe_ranks.get)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
-    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token=pad_token)
-    tokenizer.model_max_length = 77
-    return tokenizer
+from sdtrain.models.clip_layout import clip_tokenizer
 
 
 def save_tiny_pipeline(out: Path, version: str = "sd1", seed: int = 0) -> Path:
@@ -81,9 +64,7 @@ def save_tiny_pipeline(out: Path, version: str = "sd1", seed: int = 0) -> Path:
         steps_offset=1,
         prediction_type="v_prediction" if sd2 else "epsilon",
     )
-    tokenizer = clip_tokenizer_files(
-        out.parent / f"{out.name}-tokenizer-src", pad_token="!" if sd2 else "<|endoftext|>"
-    )
+    tokenizer = clip_tokenizer(str(out.parent / f"{out.name}-tokenizer-src"), "!" if sd2 else "<|endoftext|>")
     pipe = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text,

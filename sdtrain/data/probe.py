@@ -61,9 +61,25 @@ def check_text_embeddings(manifest: dict[str, Any], text_config: Any) -> None:
         )
 
 
-def probe(cfg: LatentDataConfig, *, latent_channels: int, text_config: Any) -> ProbedData:
-    """The training set resolved and checked: shards, latent shape of its first sample, normalisation."""
+def check_vae(manifest: dict[str, Any], encoder_sha256: str | None) -> None:
+    """Latents are only meaningful to the VAE whose encoder made them: a manifest that records its encoder
+    (sdtrain-encode does) must match the run's VAE. Older manifests record none and are not checked."""
+    recorded = (manifest.get("vae") or {}).get("encoder_sha256")
+    if recorded and encoder_sha256 and recorded != encoder_sha256:
+        name = (manifest.get("vae") or {}).get("name", "unknown")
+        raise DataError(
+            f"the shards' latents come from another VAE (manifest: {name}, encoder sha256 {recorded[:12]}; this "
+            f"run's VAE: {encoder_sha256[:12]}): train with the VAE they were encoded with (model.vae.pretrained=) "
+            "or re-encode them with sdtrain-encode --vae"
+        )
+
+
+def probe(
+    cfg: LatentDataConfig, *, latent_channels: int, text_config: Any, vae_encoder_sha256: str | None = None
+) -> ProbedData:
+    """The training set resolved and checked: shards, latent shape of its first sample, VAE, normalisation."""
     shard_set = resolve_shards(cfg.shards)
+    check_vae(shard_set.manifest, vae_encoder_sha256)
     latent_shape = probe_dataset(shard_set, cfg, latent_channels)
     if cfg.text_embeddings:
         check_text_embeddings(shard_set.manifest, text_config)

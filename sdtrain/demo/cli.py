@@ -2,7 +2,8 @@
 
 1. build a raw image-text set from installed packages (twemoji PNGs + emoji names, 32x32 px);
 2. train a tiny VAE so latents decode to real pictures;
-3. encode the set into latent shards + manifest.json (moments, with measured scaling/shift);
+3. encode the set into latent shards + manifest.json (moments, with measured scaling/shift, and each caption's
+   hidden states from the real pretrained all-MiniLM-L6-v2 text model as text.npy);
 4. train the tiny U-Net with EMA (`experiment=demo`), writing checkpoints and sample grids;
 5. leave DIR/samples_final.png next to DIR/real_grid.png (the real images of the same prompts);
 6. sdtrain-eval: FID of an early and the final checkpoint vs DIR/real, and a mean-colour baseline (DIR/eval/).
@@ -11,12 +12,15 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,6 +29,7 @@ from torchvision.utils import make_grid, save_image
 from sdtrain.checkpoint.format import LAST_NAME
 from sdtrain.demo.emoji_images import CaptionedImage, emoji_pairs, load_pixels
 from sdtrain.demo.vae_training import VAETrainConfig, encode_moments, latent_statistics, psnr, train_vae
+from sdtrain.models.diffusers_parts import encoder_fingerprint
 from sdtrain.prep.shard_writer import LatentSample, write_shards
 from sdtrain.seeding import numpy_rng
 
@@ -32,12 +37,36 @@ log = logging.getLogger("sdtrain.demo")
 FID_IMAGES = 200  # reference images = samples per evaluated checkpoint
 
 
-def demo_prompts() -> list[str]:
-    """The sample-grid prompts of conf/experiment/demo.yaml (one place), for the matching grid of real images."""
+def demo_config() -> Any:
+    """conf/experiment/demo.yaml as the U-Net run composes it (one place for its prompts and text encoder)."""
     from sdtrain.launch.config import compose_config
 
-    cfg = compose_config(["experiment=demo"])
-    return list(cfg.callbacks.sampling.prompts)
+    return compose_config(["experiment=demo"])
+
+
+def demo_prompts() -> list[str]:
+    """The sample-grid prompts of the demo, for the matching grid of real images."""
+    return list(demo_config().callbacks.sampling.prompts)
+
+
+def text_states(captions: list[str]) -> tuple[Callable[[str], np.ndarray], dict[str, Any]]:
+    """The demo's text encoder (all-MiniLM-L6-v2) run once over every distinct caption: (caption -> hidden
+    states as text.npy stores them, the identity the manifest records so the run checks it is the same model)."""
+    from sdtrain.config import to_object
+    from sdtrain.models.text_encoder import TextEncoderConfig, build_text_encoder, build_tokenizer
+    from sdtrain.prep.encode import text_encoder_identity
+
+    text_cfg = to_object(demo_config().model.text_encoder, "model.text_encoder", TextEncoderConfig)
+    tokenizer = build_tokenizer(text_cfg)
+    encoder = build_text_encoder(text_cfg, pad_token_id=tokenizer.pad_token_id)
+    distinct = sorted(set(captions))
+    table: dict[str, np.ndarray] = {}
+    with torch.no_grad():
+        for start in range(0, len(distinct), 256):
+            chunk = distinct[start : start + 256]
+            states = encoder(tokenizer(chunk)).to(torch.float16).numpy()
+            table.update(zip(chunk, states, strict=True))
+    return table.__getitem__, text_encoder_identity(dataclasses.asdict(text_cfg))
 
 
 def write_reference_images(pairs: list[CaptionedImage], pixels: np.ndarray, folder: str, count: int, seed: int) -> None:
@@ -83,7 +112,9 @@ def prepare(out: str, image_size: int, vae_seconds: float) -> tuple[str, str]:
         "scaling_factor": scale,
         "shift_factor": shift,
         "latent_channels": moments.shape[1] // 2,
+        "encoder_sha256": encoder_fingerprint(vae),
     }
+    text_for, text_identity = text_states([p.caption for p in pairs])
     # The held-out images (unseen by the VAE and the U-Net) become the validation-loss set.
     for folder, mask in (("latents", train_mask), ("latents_val", ~train_mask)):
         samples = (
@@ -91,7 +122,14 @@ def prepare(out: str, image_size: int, vae_seconds: float) -> tuple[str, str]:
             for p, m, keep in zip(pairs, moments, mask, strict=True)
             if keep
         )
-        write_shards(samples, os.path.join(out, folder), samples_per_shard=256, vae=vae_info)
+        write_shards(
+            samples,
+            os.path.join(out, folder),
+            samples_per_shard=256,
+            vae=vae_info,
+            text_for=text_for,
+            text_encoder=text_identity,
+        )
     write_reference_images(pairs, pixels, os.path.join(out, "real"), count=FID_IMAGES, seed=1)
     by_caption = {p.caption: i for i, p in enumerate(pairs)}
     real = [torch.from_numpy(pixels[by_caption[c]]) for c in demo_prompts() if c in by_caption]

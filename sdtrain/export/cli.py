@@ -2,9 +2,12 @@
 
     sdtrain-export run/checkpoints/last.ckpt exported/            # EMA weights (default)
     sdtrain-export run/checkpoints/last.ckpt exported-raw/ --weights raw
+    sdtrain-export run/checkpoints/last.ckpt exported/ --single-file model.safetensors
 
-Load it with diffusers: `UNet2DConditionModel.from_pretrained("exported/unet")`, or the whole pipeline with
-`sdtrain.export.pipeline.load_pipeline("exported/")`; fine-tune from it with `model.unet.pretrained=exported/`.
+Load it with plain diffusers: `StableDiffusionPipeline.from_pretrained("exported/")` (or
+`StableDiffusionPipeline.from_single_file("model.safetensors", config="exported/")` for the single file, which
+holds `model.diffusion_model.*`, `first_stage_model.*` and `cond_stage_model.*` as SD 1.x/2.x files do);
+continue training from it with `model.pretrained=exported/` (or `model.pretrained=model.safetensors`).
 """
 
 from __future__ import annotations
@@ -29,9 +32,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out", help="output folder")
     parser.add_argument("--weights", choices=WEIGHTS, default="ema", help="EMA (default) or raw U-Net weights")
     parser.add_argument("--sampler", choices=sorted(SCHEDULERS), default="ddim", help="the folder's scheduler")
+    parser.add_argument(
+        "--single-file", metavar="FILE.safetensors", help="also write one original-layout SD file (ComfyUI, A1111)"
+    )
     args = parser.parse_args(argv)
+    if args.single_file and not args.single_file.endswith(".safetensors"):
+        parser.error("--single-file must name a .safetensors file")
     model = load_trained(args.checkpoint, args.weights)
-    export_diffusers(model, args.out, sampler=args.sampler)
+    export_diffusers(model, args.out, sampler=args.sampler, single_file=args.single_file)
     log.info("exported step %d (%s weights) to %s", model.step, model.weights, args.out)
     return 0
 

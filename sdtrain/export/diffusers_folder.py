@@ -1,9 +1,12 @@
 """Checkpoint -> a diffusers folder that any Stable Diffusion tooling loads, and back.
 
     OUT/unet, OUT/vae, OUT/scheduler        diffusers save_pretrained folders (safetensors)
-    OUT/text_encoder/config.json + model.safetensors
-                                            the frozen OpenCLIP tower (sdtrain's text-encoding wrapper loads it)
-    OUT/model_index.json                    StableDiffusionPipeline, with the text encoder left to the caller
+    OUT/text_encoder, OUT/tokenizer         transformers folders: the run's own for a transformers encoder; an
+                                            OpenCLIP tower as the CLIPTextModel diffusers' SD2 conversion makes
+                                            (models/clip_layout.py), with a CLIPTokenizer padding with "!"
+    OUT/text_encoder_unused.safetensors     OpenCLIP tensors the conditioning never uses (the last block when
+                                            it takes the penultimate one), so importing gives the whole tower
+    OUT/model_index.json                    StableDiffusionPipeline: plain diffusers loads and runs the folder
     OUT/unet.ldm.safetensors                the U-Net under original SD names (single-file tools)
     OUT/sdtrain.json                        step, which weights, latent normalisation, text-encoder reference
 
@@ -26,9 +29,11 @@ from safetensors.torch import load_file, save_file
 from sdtrain.checkpoint.trained import TrainedModel
 from sdtrain.diffusion.sampling import build_scheduler
 from sdtrain.errors import CheckpointError
-from sdtrain.export.ldm import unet_to_ldm
+from sdtrain.export.ldm import text_encoder_to_ldm, unet_to_ldm, vae_to_ldm
+from sdtrain.models.clip_layout import clip_to_open_clip, clip_tokenizer, open_clip_to_clip
 
 FORMAT = "sdtrain-export/1"
+UNUSED_TEXT_FILE = "text_encoder_unused.safetensors"
 
 
 @torch.no_grad()
@@ -49,7 +54,9 @@ def fold_latent_shift(vae: AutoencoderKL, shift: list[float]) -> dict[str, list[
     return original
 
 
-def export_diffusers(model: TrainedModel, out: str, *, sampler: str = "ddim") -> str:
+def export_diffusers(model: TrainedModel, out: str, *, sampler: str = "ddim", single_file: str | None = None) -> str:
+    """Write the folder OUT (and, with `single_file`, one original-layout .safetensors of the same tensors)."""
+    text_ldm = text_encoder_to_ldm(model.text_encoder, model.text_config.kind) if single_file else None
     os.makedirs(out, exist_ok=True)
     model.unet.save_pretrained(os.path.join(out, "unet"), safe_serialization=True)
     vae = AutoencoderKL.from_config(model.vae.config)
@@ -62,6 +69,9 @@ def export_diffusers(model: TrainedModel, out: str, *, sampler: str = "ddim") ->
     text_parts = _save_text_encoder(model, out)
     ldm = unet_to_ldm(model.unet.state_dict(), dict(model.unet.config))
     save_file({k: v.contiguous() for k, v in ldm.items()}, os.path.join(out, "unet.ldm.safetensors"))
+    if single_file:  # what StableDiffusionPipeline.from_single_file(FILE, config=OUT) loads
+        everything = {**ldm, **vae_to_ldm(vae.state_dict(), dict(vae.config)), **text_ldm}
+        save_file({k: v.contiguous() for k, v in everything.items()}, single_file)
     _write_json(os.path.join(out, "model_index.json"), _model_index(sampler, text_parts))
     _write_json(
         os.path.join(out, "sdtrain.json"),
@@ -74,33 +84,32 @@ def export_diffusers(model: TrainedModel, out: str, *, sampler: str = "ddim") ->
             "latent_shift": list(shift),
             "vae_shift_folded": original_biases,
             "diffusion": dataclasses.asdict(model.diffusion),
+            "text_encoder": dataclasses.asdict(model.text_config),
         },
     )
     return out
 
 
 def _save_text_encoder(model: TrainedModel, out: str) -> dict[str, list[str | None]]:
-    """text_encoder/ (+ tokenizer/) and their model_index entries. A transformers encoder is saved as itself, so
-    plain diffusers loads it; an OpenCLIP tower as sdtrain's own file (sdtrain.export.pipeline reads it)."""
-    text_dir = os.path.join(out, "text_encoder")
+    """text_encoder/ + tokenizer/ in transformers format and their model_index entries: a transformers encoder
+    as itself, an OpenCLIP tower converted to CLIPTextModel (so plain diffusers runs every export)."""
+    text_dir, tokenizer_dir = os.path.join(out, "text_encoder"), os.path.join(out, "tokenizer")
     if model.text_config.kind == "transformers":
         hf_model = model.text_encoder.model
-        hf_model.save_pretrained(text_dir, safe_serialization=True)
-        if not model.text_encoder.is_clip:  # diffusers then passes the padding mask, as sdtrain encodes
-            _update_json(os.path.join(text_dir, "config.json"), use_attention_mask=True)
         tokenizer = model.tokenizer.tokenizer
-        tokenizer.save_pretrained(os.path.join(out, "tokenizer"))
-        return {
-            "text_encoder": ["transformers", type(hf_model).__name__],
-            "tokenizer": ["transformers", type(tokenizer).__name__],
-        }
-    os.makedirs(text_dir, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.text_encoder.state_dict().items()}, f"{text_dir}/model.safetensors")
-    _write_json(
-        f"{text_dir}/config.json", {"class": "sdtrain.FrozenOpenCLIPText", **dataclasses.asdict(model.text_config)}
-    )
-    # OpenCLIP tower: sdtrain.export.pipeline.ExportedTextEncoder
-    return {"text_encoder": [None, None], "tokenizer": [None, None]}
+        tokenizer.save_pretrained(tokenizer_dir)
+    else:
+        hf_model, unused = open_clip_to_clip(model.text_encoder.tower, model.text_config.resolved_layer)
+        save_file({k: v.contiguous() for k, v in unused.items()}, os.path.join(out, UNUSED_TEXT_FILE))
+        tokenizer = clip_tokenizer(tokenizer_dir, pad_token="!", context_length=model.text_config.context_length)
+        tokenizer.save_pretrained(tokenizer_dir)
+    hf_model.save_pretrained(text_dir, safe_serialization=True)
+    if model.text_config.kind == "transformers" and not model.text_encoder.is_clip:
+        _update_json(os.path.join(text_dir, "config.json"), use_attention_mask=True)  # as sdtrain encodes
+    return {
+        "text_encoder": ["transformers", type(hf_model).__name__],
+        "tokenizer": ["transformers", type(tokenizer).__name__],
+    }
 
 
 def _model_index(sampler: str, text_parts: dict[str, list[str | None]]) -> dict[str, Any]:
@@ -149,7 +158,17 @@ def import_diffusers(folder: str) -> dict[str, dict[str, torch.Tensor]]:
     for key, values in (info.get("vae_shift_folded") or {}).items():
         vae_state[key] = torch.tensor(values, dtype=vae_state[key].dtype)
     text = load_file(os.path.join(folder, "text_encoder", "model.safetensors"))
-    with open(os.path.join(folder, "model_index.json"), encoding="utf-8") as f:
-        if json.load(f).get("text_encoder", [None])[0] == "transformers":  # FrozenHFText holds it as .model
-            text = {f"model.{k}": v for k, v in text.items()}
+    kind = info.get("text_encoder", {}).get("kind") or _legacy_text_kind(folder)
+    if kind == "open_clip":  # converted to CLIPTextModel: back to the tower FrozenOpenCLIPText holds
+        tower = clip_to_open_clip(text, load_file(os.path.join(folder, UNUSED_TEXT_FILE)))
+        text = {f"tower.{k}": v for k, v in tower.items()}
+    elif kind == "transformers":  # FrozenHFText holds it as .model
+        text = {f"model.{k}": v for k, v in text.items()}
     return {"unet": unet.state_dict(), "vae": vae_state, "text_encoder": text}
+
+
+def _legacy_text_kind(folder: str) -> str | None:
+    """Exports before sdtrain.json named the text encoder: transformers if model_index.json names one, else the
+    OpenCLIP tower in sdtrain's own file (None: its keys are already the wrapper's)."""
+    with open(os.path.join(folder, "model_index.json"), encoding="utf-8") as f:
+        return "transformers" if json.load(f).get("text_encoder", [None])[0] == "transformers" else None

@@ -1,6 +1,8 @@
-"""diffusers U-Net keys -> original ldm/SD single-file keys ("model.diffusion_model.input_blocks..."), the layout
-ComfyUI/A1111-style files use. The reverse (ldm -> diffusers) is diffusers' own `convert_ldm_unet_checkpoint`;
-tests check that it maps our output back to the very same tensors.
+"""diffusers names -> original ldm/SD single-file names, the layout ComfyUI/A1111-style files use:
+U-Net `model.diffusion_model.*`, VAE `first_stage_model.*`, text encoder `cond_stage_model.*` (SD 1.x: a CLIP
+`cond_stage_model.transformer.text_model.*`; SD 2.x: the OpenCLIP tower `cond_stage_model.model.*`).
+The reverse (ldm -> diffusers) is diffusers' own (`convert_ldm_unet_checkpoint`, `convert_ldm_vae_checkpoint`,
+`from_single_file`); tests check that it maps our output back to the very same tensors.
 """
 
 from __future__ import annotations
@@ -9,6 +11,12 @@ from typing import Any
 
 import torch
 from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING, LDM_UNET_KEY
+from torch import nn
+
+from sdtrain.errors import CheckpointError
+from sdtrain.models.clip_layout import CLIP_PREFIX, OPEN_CLIP_PREFIX
+
+LDM_VAE_KEY = "first_stage_model."
 
 RESNET_RENAMES = [  # diffusers name -> ldm name inside a ResBlock
     ("norm1", "in_layers.0"),
@@ -50,6 +58,21 @@ def _prefix_map(config: dict[str, Any]) -> list[tuple[str, str]]:
     return pairs
 
 
+def _renamed(key: str, prefixes: list[tuple[str, str]], renames: dict[str, list[tuple[str, str]]]) -> str | None:
+    """`key` under the first matching (ours, theirs) prefix, its rest renamed by that prefix kind's renames."""
+    for ours, theirs in prefixes:
+        if key.startswith(ours):
+            rest = key[len(ours) :]
+            for marker, pairs in renames.items():
+                if marker in ours:
+                    for old, new in pairs:
+                        if rest.startswith(old + "."):
+                            rest = new + rest[len(old) :]
+                            break
+            return theirs + rest
+    return None
+
+
 def unet_to_ldm(state: dict[str, torch.Tensor], config: dict[str, Any]) -> dict[str, torch.Tensor]:
     """A diffusers U-Net state dict under ldm names (with the `model.diffusion_model.` prefix)."""
     if config.get("addition_embed_type") or config.get("class_embed_type"):
@@ -61,16 +84,55 @@ def unet_to_ldm(state: dict[str, torch.Tensor], config: dict[str, Any]) -> dict[
         if key in fixed:
             out[LDM_UNET_KEY + fixed[key]] = tensor
             continue
-        for ours, theirs in prefixes:
-            if key.startswith(ours):
-                rest = key[len(ours) :]
-                if ".resnets." in ours:
-                    for old, new in RESNET_RENAMES:
-                        if rest.startswith(old + "."):
-                            rest = new + rest[len(old) :]
-                            break
-                out[LDM_UNET_KEY + theirs + rest] = tensor
-                break
-        else:
+        name = _renamed(key, prefixes, {".resnets.": RESNET_RENAMES})
+        if name is None:
             raise ValueError(f"no ldm name for U-Net tensor {key}")
+        out[LDM_UNET_KEY + name] = tensor
     return out
+
+
+VAE_ATTENTION_RENAMES = [("group_norm", "norm"), ("to_q", "q"), ("to_k", "k"), ("to_v", "v"), ("to_out.0", "proj_out")]
+
+
+def vae_to_ldm(state: dict[str, torch.Tensor], config: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """A diffusers AutoencoderKL state dict under ldm names (`first_stage_model.`; attention as 1x1 convs)."""
+    fixed = DIFFUSERS_TO_LDM_MAPPING["vae"]
+    blocks = len(config["down_block_types"])
+    prefixes: list[tuple[str, str]] = []
+    for i in range(blocks):
+        up = blocks - 1 - i  # ldm numbers the decoder's levels from the bottom
+        prefixes += [
+            (f"encoder.down_blocks.{i}.resnets.", f"encoder.down.{i}.block."),
+            (f"encoder.down_blocks.{i}.downsamplers.0.", f"encoder.down.{i}.downsample."),
+            (f"decoder.up_blocks.{i}.resnets.", f"decoder.up.{up}.block."),
+            (f"decoder.up_blocks.{i}.upsamplers.0.", f"decoder.up.{up}.upsample."),
+        ]
+    for part in ("encoder", "decoder"):
+        prefixes += [
+            (f"{part}.mid_block.resnets.0.", f"{part}.mid.block_1."),
+            (f"{part}.mid_block.resnets.1.", f"{part}.mid.block_2."),
+            (f"{part}.mid_block.attentions.0.", f"{part}.mid.attn_1."),
+        ]
+    renames = {"resnets.": [("conv_shortcut", "nin_shortcut")], "attentions.": VAE_ATTENTION_RENAMES}
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in state.items():
+        name = fixed.get(key) or _renamed(key, prefixes, renames)
+        if name is None:
+            raise ValueError(f"no ldm name for VAE tensor {key}")
+        if ".mid.attn_1." in name and name.endswith(".weight") and tensor.ndim == 2:
+            tensor = tensor[:, :, None, None]  # ldm's attention projections are 1x1 convs
+        out[LDM_VAE_KEY + name] = tensor
+    return out
+
+
+def text_encoder_to_ldm(text_encoder: nn.Module, kind: str) -> dict[str, torch.Tensor]:
+    """The frozen text encoder under ldm names: an OpenCLIP tower as SD 2.x files hold it (the whole tower), a
+    transformers CLIPTextModel as SD 1.x files do. Other text models have no single-file layout."""
+    if kind == "open_clip":
+        return {OPEN_CLIP_PREFIX + k: v for k, v in text_encoder.tower.state_dict().items()}
+    if not getattr(text_encoder, "is_clip", False) or type(text_encoder.model).__name__ != "CLIPTextModel":
+        raise CheckpointError(
+            f"--single-file holds SD 1.x/2.x text encoders (CLIPTextModel or OpenCLIP); this run's is a "
+            f"{type(getattr(text_encoder, 'model', text_encoder)).__name__}: export the folder only"
+        )
+    return {CLIP_PREFIX + k.removeprefix("text_model."): v for k, v in text_encoder.model.state_dict().items()}

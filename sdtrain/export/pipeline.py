@@ -1,8 +1,9 @@
-"""Generate from an exported folder with diffusers' own StableDiffusionPipeline.
+"""Generate from an exported folder with diffusers' own StableDiffusionPipeline, seeds meaning what they mean in
+`sdtrain-sample` (each image's starting noise from its own seeded generator): same seeds -> same pixels.
 
-The pipeline runs the U-Net, scheduler and VAE from the folder; prompts are encoded by `ExportedTextEncoder`
-(the frozen OpenCLIP tower saved next to them) and passed as `prompt_embeds`, since SD pipelines only know
-transformers' CLIP classes. Same seeds -> same pixels as `sdtrain-sample` on the checkpoint.
+Every export holds a transformers text encoder and tokenizer, so the pipeline encodes the prompts itself.
+Exports written before OpenCLIP towers were converted (text_encoder/ in sdtrain's own format, model_index.json
+naming no text encoder) are still read: `ExportedTextEncoder` encodes their prompts.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from sdtrain.models.text_encoder import TextEncoderConfig, build_text_encoder, b
 
 
 class ExportedTextEncoder:
-    """prompts -> hidden states (B, L, width), from OUT/text_encoder."""
+    """prompts -> hidden states (B, L, width), from an older export's sdtrain-format OUT/text_encoder."""
 
     def __init__(self, folder: str, device: str | torch.device = "cpu") -> None:
         text_dir = os.path.join(folder, "text_encoder")
@@ -44,10 +45,10 @@ class ExportedTextEncoder:
 
 @dataclass
 class ExportedPipeline:
-    """diffusers' StableDiffusionPipeline on the folder + the folder's text encoder."""
+    """diffusers' StableDiffusionPipeline on the folder (+ the text encoder of an older export)."""
 
     pipe: StableDiffusionPipeline
-    text: ExportedTextEncoder
+    text: ExportedTextEncoder | None
     latent_shape: tuple[int, ...]
 
     @torch.no_grad()
@@ -56,9 +57,15 @@ class ExportedPipeline:
     ) -> torch.Tensor:
         """Images (N, 3, H, W) in [0, 1]; the starting noise is sdtrain's per-seed noise, so seeds mean the same."""
         factor = self.pipe.vae_scale_factor
+        if self.text is None:
+            prompt_args = {"prompt": list(prompts), "negative_prompt": [negative_prompt] * len(prompts)}
+        else:
+            prompt_args = {
+                "prompt_embeds": self.text(prompts),
+                "negative_prompt_embeds": self.text([negative_prompt] * len(prompts)),
+            }
         return self.pipe(
-            prompt_embeds=self.text(prompts),
-            negative_prompt_embeds=self.text([negative_prompt] * len(prompts)),
+            **prompt_args,
             latents=initial_noise(seeds, self.latent_shape, self.pipe.device),
             height=self.latent_shape[1] * factor,
             width=self.latent_shape[2] * factor,
@@ -69,17 +76,15 @@ class ExportedPipeline:
 
 
 def load_pipeline(folder: str, device: str | torch.device = "cpu") -> ExportedPipeline:
-    """An export with an OpenCLIP text encoder (sdtrain's own text_encoder/ file). Exports of a transformers
-    text encoder need none of this: `StableDiffusionPipeline.from_pretrained(folder)` runs them as they are."""
+    """An sdtrain export as a pipeline called with (prompts, seeds) like `sdtrain-sample`. The folder itself is
+    plain diffusers: `StableDiffusionPipeline.from_pretrained(folder)` runs it with no sdtrain code."""
     info = read_export_info(folder)
+    with open(os.path.join(folder, "model_index.json"), encoding="utf-8") as f:
+        legacy = json.load(f).get("text_encoder", [None])[0] is None
+    parts = {"text_encoder": None, "tokenizer": None} if legacy else {}
     pipe = StableDiffusionPipeline.from_pretrained(
-        folder,
-        text_encoder=None,
-        tokenizer=None,
-        safety_checker=None,
-        feature_extractor=None,
-        local_files_only=True,
-        low_cpu_mem_usage=False,
+        folder, **parts, safety_checker=None, feature_extractor=None, local_files_only=True, low_cpu_mem_usage=False
     )
     pipe.set_progress_bar_config(disable=True)
-    return ExportedPipeline(pipe.to(device), ExportedTextEncoder(folder, device), tuple(info["latent_shape"]))
+    text = ExportedTextEncoder(folder, device) if legacy else None
+    return ExportedPipeline(pipe.to(device), text, tuple(info["latent_shape"]))

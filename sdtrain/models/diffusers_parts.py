@@ -3,11 +3,13 @@ How the U-Net runs (attention backend, checkpointing, compile) is models/unet_ru
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 
 from sdtrain.errors import CheckpointError, ConfigError
@@ -76,3 +78,15 @@ def build_vae(cfg: VAEConfig, read: WeightsReader = read_weights) -> Autoencoder
             load_matching(vae, read(cfg.pretrained), cfg.pretrained, "model.vae")
     vae.requires_grad_(False)
     return vae.eval()
+
+
+def encoder_fingerprint(vae: AutoencoderKL) -> str:
+    """sha256 of the VAE's encoder half (encoder.*, quant_conv.*) as float32: what decides the latents. Shards
+    record it (sdtrain-encode) and a run checks its VAE against it; decoder-only fine-tunes (SD's ft-MSE/EMA VAEs)
+    keep it."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(vae.state_dict().items()):
+        if name.startswith(("encoder.", "quant_conv.")):
+            digest.update(name.encode() + b"\0")
+            digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()

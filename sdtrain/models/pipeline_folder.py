@@ -5,6 +5,7 @@ DIR holds `model_index.json`, `unet/`, `vae/`, `text_encoder/`, `tokenizer/` and
 encoder (transformers) and tokenizer are loaded from it with diffusers'/transformers' own `from_pretrained`; the
 noise schedule comes from `scheduler/scheduler_config.json` (diffusion/objective.py). A `model.unet.pretrained`,
 `model.vae.pretrained` or `model.text_encoder.pretrained` given as well takes the place of the folder's part.
+An original-layout single file is converted to such a folder first (models/single_file.py).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import replace
 from typing import Any
 
 from sdtrain.errors import ConfigError
+from sdtrain.models.single_file import pipeline_folder
 
 PIPELINES = ("StableDiffusionPipeline",)  # SD 1.x / 2.x layouts
 PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -22,11 +24,6 @@ PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
 def read_model_index(path: str) -> dict[str, Any]:
     """The folder's model_index.json, checked to be an SD 1.x/2.x pipeline with every part; one-line errors."""
-    if os.path.isfile(path):
-        raise ConfigError(
-            f"model.pretrained={path} is a single file: give a diffusers pipeline folder (single-file checkpoints "
-            "load through model.unet.pretrained=FILE for the U-Net)"
-        )
     index_file = os.path.join(path, "model_index.json")
     if not os.path.isfile(index_file):
         raise ConfigError(f"model.pretrained={path} is not a diffusers pipeline folder (no model_index.json)")
@@ -41,8 +38,9 @@ def read_model_index(path: str) -> dict[str, Any]:
 
 
 def from_pipeline(cfg: Any) -> Any:
-    """`cfg` (a ModelConfig) with every part not given explicitly taken from the pipeline folder `cfg.pretrained`."""
-    path = cfg.pretrained
+    """`cfg` (a ModelConfig) with every part not given explicitly taken from the pipeline folder `cfg.pretrained`
+    (a single file's conversion, models/single_file.py)."""
+    path = pipeline_folder(cfg)
     read_model_index(path)
     text = cfg.text_encoder
     if not text.pretrained:
@@ -58,6 +56,37 @@ def from_pipeline(cfg: Any) -> Any:
         vae=replace(cfg.vae, pretrained=cfg.vae.pretrained or os.path.join(path, "vae")),
         text_encoder=text,
     )
+
+
+def architecture(cfg: Any) -> tuple[Any, dict[str, Any] | None]:
+    """(`cfg` with the U-Net/VAE configs of its pretrained folders, the transformers text model's description as
+    a checkpoint keeps it) - what `build_model(pretrained=False, text_model=...)` counts on the meta device
+    without reading any weights (sdtrain-plan). A single file is counted by its configs folder or the preset."""
+    from transformers import AutoConfig
+
+    from sdtrain.models.pretrained import model_folder
+    from sdtrain.models.text_encoder import tokenizer_files
+
+    if cfg.pretrained and os.path.isfile(cfg.pretrained):
+        cfg = replace(cfg, pretrained=cfg.pretrained_config)
+    if cfg.pretrained:
+        cfg = from_pipeline(cfg)
+    parts = {}
+    for name in ("unet", "vae"):
+        part = getattr(cfg, name)
+        folder = model_folder(part.pretrained, name) if part.pretrained else None
+        if folder:
+            parts[name] = replace(part, config=_read_json(os.path.join(folder, "config.json"), f"model.{name}"))
+    cfg = replace(cfg, **parts)
+    text = cfg.text_encoder
+    if text.kind != "transformers":
+        return cfg, None
+    config = AutoConfig.from_pretrained(text.pretrained, local_files_only=True)
+    name = (
+        getattr(config, "architectures", None) or ["CLIPTextModel" if "clip" in config.model_type else "AutoModel"]
+    )[0]
+    described = {"config": {"class": name, **config.to_dict()}, "tokenizer_files": tokenizer_files(text)}
+    return cfg, described
 
 
 def scheduler_config(path: str) -> dict[str, Any]:

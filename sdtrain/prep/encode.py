@@ -233,6 +233,8 @@ def merge(cfg: EncodeConfig, parts: list[InputPart]) -> dict[str, Any] | None:
     first_shape = [int(x) for x in shapes.most_common(1)[0][0].split("x")]
     from diffusers import AutoencoderKL
 
+    from sdtrain.models.diffusers_parts import encoder_fingerprint
+
     vae_config = AutoencoderKL.load_config(cfg.vae)
     result = manifest(
         entries,
@@ -242,6 +244,7 @@ def merge(cfg: EncodeConfig, parts: list[InputPart]) -> dict[str, Any] | None:
             "scaling_factor": vae_config.get("scaling_factor", SD_SCALING_FACTOR),
             "shift_factor": vae_config.get("shift_factor"),
             "latent_channels": vae_config.get("latent_channels"),
+            "encoder_sha256": encoder_fingerprint(AutoencoderKL.from_pretrained(cfg.vae, local_files_only=True)),
         },
         text_encoder=text_encoder_identity(cfg.text_encoder),
         encode={

@@ -144,11 +144,14 @@ def write_shards(
     stores: str = "moments",
     vae: dict[str, Any] | None = None,
     dtype: str = "float16",
+    text_for: Callable[[str], np.ndarray] | None = None,
+    text_encoder: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Write `samples` to out_dir/NNNNNN.tar and out_dir/manifest.json; returns the manifest."""
+    """Write `samples` to out_dir/NNNNNN.tar and out_dir/manifest.json; returns the manifest. `text_for(caption)`
+    gives pre-encoded hidden states to store as text.npy, `text_encoder` the identity the manifest records."""
     sink = ShardSink(out_dir, samples_per_shard=samples_per_shard, stores=stores, dtype=dtype, mtime=int(time.time()))
     for sample in samples:
-        sink.add(sample)
-    result = manifest(sink.close(), latent_shape=sink.latent_shape, stores=stores, vae=vae)
+        sink.add(sample, text_for(sample.caption) if text_for else None)
+    result = manifest(sink.close(), latent_shape=sink.latent_shape, stores=stores, vae=vae, text_encoder=text_encoder)
     write_json_atomic(os.path.join(out_dir, MANIFEST_NAME), result)
     return result

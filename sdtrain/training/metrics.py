@@ -69,7 +69,11 @@ def text_encoder_flops(text_encoder: nn.Module, context_length: int) -> int:
     """Forward FLOPs of the frozen text encoder for one caption, on whatever device it is (meta included)."""
     device = next(text_encoder.parameters()).device
     tokens = torch.zeros(1, context_length, dtype=torch.long, device=device)
-    return count_flops(lambda: text_encoder(tokens), backward=False)
+    # a transformers model is counted unmasked: the same FLOPs, and BERT's padding-mask checks read tensor values,
+    # which the planner's meta tensors do not have
+    hf_model = getattr(text_encoder, "model", None)
+    forward = (lambda: hf_model(input_ids=tokens)) if hf_model is not None else (lambda: text_encoder(tokens))
+    return count_flops(forward, backward=False)
 
 
 def training_flops_per_image(

@@ -1,15 +1,19 @@
-"""Released SD 1.x / 2.x pipeline folders in and out: `model.pretrained=DIR` fine-tunes from one (U-Net, VAE,
-transformers text encoder, tokenizer and schedule from the folder), the export loads and runs in plain diffusers
-with no sdtrain code, and gives the pixels `sdtrain-sample` gives."""
+"""Released SD 1.x / 2.x pipeline folders and single files in and out: `model.pretrained=DIR` fine-tunes from one
+(U-Net, VAE, transformers text encoder, tokenizer and schedule from the folder), the export loads and runs in plain
+diffusers with no sdtrain code and gives the pixels `sdtrain-sample` gives; `--single-file` writes what
+diffusers' from_single_file loads, and `model.pretrained=FILE` starts from it again."""
 
+import json
+import re
 import subprocess
 import sys
 
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
-from helpers import CAPTIONS, REPO, run_train
+from helpers import CAPTIONS, REPO, assert_same_parts, make_dataset, only_folder, plain_diffusers_classes, run_train
 from pipelines import save_tiny_pipeline
+from safetensors import safe_open
 
 from sdtrain.checkpoint.files import load_checkpoint_file
 from sdtrain.checkpoint.trained import load_trained
@@ -48,15 +52,7 @@ def test_export_runs_in_plain_diffusers_with_the_same_pixels(finetuned, tmp_path
     version, source, run = finetuned
     model = load_trained(str(run / "checkpoints" / "last.ckpt"))
     out = export_diffusers(model, str(tmp_path / "export"))
-    # plain diffusers, in a fresh process with no sdtrain import: the folder is complete
-    code = (
-        "import sys; from diffusers import StableDiffusionPipeline as P; "
-        "p = P.from_pretrained(sys.argv[1], local_files_only=True); "
-        "assert 'sdtrain' not in sys.modules; print(type(p.text_encoder).__name__, type(p.tokenizer).__name__)"
-    )
-    plain = subprocess.run([sys.executable, "-c", code, out], capture_output=True, text=True, cwd=tmp_path, timeout=300)
-    assert plain.returncode == 0, plain.stderr[-2000:]
-    assert plain.stdout.split() == ["CLIPTextModel", "CLIPTokenizer"]
+    assert plain_diffusers_classes(out, tmp_path) == ["CLIPTextModel", "CLIPTokenizer"]
 
     pipe = StableDiffusionPipeline.from_pretrained(out, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
@@ -80,15 +76,64 @@ def test_export_runs_in_plain_diffusers_with_the_same_pixels(finetuned, tmp_path
     assert all(torch.equal(trained[k], v) for k, v in model.unet.state_dict().items())
 
 
-def test_folders_that_are_not_pipelines_are_one_line_errors(tmp_path, dataset):
+def test_single_file_out_loads_in_diffusers_and_starts_a_run(finetuned, tmp_path, dataset):
+    version, source, run = finetuned
+    out, file = tmp_path / "export", tmp_path / "model.safetensors"
+    export = [sys.executable, "-m", "sdtrain.export.cli", str(run / "checkpoints" / "last.ckpt"), str(out)]
+    result = subprocess.run([*export, "--single-file", str(file)], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    with safe_open(str(file), "pt") as f:
+        prefixes = {k.split(".")[0] + "." + k.split(".")[1] for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
+    assert prefixes == {"model.diffusion_model", "first_stage_model.encoder", "first_stage_model.decoder",
+                        "first_stage_model.quant_conv", "first_stage_model.post_quant_conv",
+                        "cond_stage_model.transformer"}  # fmt: skip
+    folder = StableDiffusionPipeline.from_pretrained(out, local_files_only=True)
+    single = StableDiffusionPipeline.from_single_file(str(file), config=str(out), local_files_only=True)
+    assert_same_parts(folder, single)  # diffusers' own single-file loader gives back every tensor
+
+    # and in again: model.pretrained=FILE (configs from the export) starts a run from the very same tensors
+    cache = tmp_path / "cache"
+    again = run_train(
+        tmp_path / "run2",
+        f"model.pretrained={file}",
+        f"model.pretrained_config={out}",
+        f"data.shards={dataset}",
+        "debug=fast",
+        env={"SDTRAIN_CACHE": str(cache)},
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+    converted = StableDiffusionPipeline.from_pretrained(only_folder(cache / "single_file"), local_files_only=True)
+    assert_same_parts(folder, converted)
+
+
+def test_latents_of_another_vae_are_a_one_line_error(tmp_path):
+    source = save_tiny_pipeline(tmp_path / "released", "sd1")
+    manifest = make_dataset(tmp_path / "latents", n=16, per_shard=16)
+    data = json.loads(manifest.read_text())
+    data["vae"].update(name="other-vae", encoder_sha256="0" * 64)  # what sdtrain-encode records of its VAE
+    manifest.write_text(json.dumps(data))
+    result = run_train(tmp_path / "run", f"model.pretrained={source}", f"data.shards={manifest}", "debug=fast")
+    last = result.stderr.strip().splitlines()[-1]
+    assert result.returncode == 2 and "the shards' latents come from another VAE (manifest: other-vae" in last, last
+
+
+def test_folders_and_files_that_are_not_pipelines_are_one_line_errors(tmp_path, dataset):
+    from safetensors.torch import save_file
+
     (tmp_path / "notapipe").mkdir()
-    (tmp_path / "file.safetensors").write_bytes(b"x")
+    save_file({"encoder.weight": torch.zeros(2)}, tmp_path / "file.safetensors")
     cases = {
         str(tmp_path / "notapipe"): "is not a diffusers pipeline folder (no model_index.json)",
-        str(tmp_path / "file.safetensors"): "is a single file: give a diffusers pipeline folder",
+        str(tmp_path / "file.safetensors"): "is not an SD 1.x/2.x single file (no model.diffusion_model.* tensors",
     }
     for path, message in cases.items():
-        result = run_train(tmp_path / "run", f"model.pretrained={path}", f"data.shards={dataset}", "debug=fast")
+        result = run_train(
+            tmp_path / "run",
+            f"model.pretrained={path}",
+            f"data.shards={dataset}",
+            "debug=fast",
+            env={"SDTRAIN_CACHE": str(tmp_path / "cache")},
+        )
         last = result.stderr.strip().splitlines()[-1]
         assert result.returncode == 2 and last.startswith("error: ") and message in last, result.stderr[-2000:]
 
@@ -121,3 +166,24 @@ def test_manifests_from_before_fingerprints_are_still_read(tmp_path):
     with pytest.raises(DataError, match="pretrained: 'other.bin' there"):
         check_text_embeddings({"text_encoder": {**old, "pretrained": "other.bin"}}, cfg)
     check_text_embeddings({"text_encoder": {**cfg.identity(), "dtype": "float16"}}, cfg)
+
+
+def test_single_files_sdtrain_cannot_start_from_are_named_in_one_line(tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+
+    from sdtrain.errors import ConfigError
+    from sdtrain.models.builder import ModelConfig
+    from sdtrain.models.single_file import pipeline_folder
+
+    monkeypatch.setenv("SDTRAIN_CACHE", str(tmp_path / "cache"))
+    save_file({"conditioner.embedders.0.x": torch.zeros(2)}, tmp_path / "sdxl.safetensors")
+    save_file({"model.diffusion_model.x": torch.zeros(2)}, tmp_path / "unet_only.safetensors")
+    (tmp_path / "notes.txt").write_text("x")
+    cases = {
+        "sdxl.safetensors": "is an SDXL single file",
+        "unet_only.safetensors": "no first_stage_model.* tensors",
+        "notes.txt": "is a file but not a .safetensors/.ckpt single file",
+    }
+    for name, message in cases.items():
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            pipeline_folder(ModelConfig(pretrained=str(tmp_path / name)))

@@ -7,8 +7,9 @@ import sys
 import pytest
 import torch
 from conftest import SHIFT
-from diffusers import UNet2DConditionModel
-from helpers import REPO
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from helpers import REPO, assert_same_parts, only_folder, plain_diffusers_classes, run_train
+from safetensors import safe_open
 
 from sdtrain.checkpoint.files import load_checkpoint_file
 from sdtrain.checkpoint.format import find_ema_state
@@ -76,7 +77,10 @@ def test_export_loads_in_diffusers_and_gives_the_same_pixels(ckpt, tmp_path, sam
     unet = UNet2DConditionModel.from_pretrained(f"{out}/unet")
     ours = model.unet.state_dict()
     assert all(torch.equal(tensor, ours[key]) for key, tensor in unet.state_dict().items())
-    pipeline = load_pipeline(out)
+    # the OpenCLIP tower leaves as a CLIPTextModel: plain diffusers runs the folder, with no sdtrain code
+    assert plain_diffusers_classes(out, tmp_path) == ["CLIPTextModel", "CLIPTokenizer"]
+    pipeline = load_pipeline(out)  # StableDiffusionPipeline.from_pretrained, prompts encoded by the pipeline
+    assert pipeline.text is None
     prompts, seeds = [p for p, _ in PAIRS], [s for _, s in PAIRS]
     for guidance in (1.0, 4.0):
         ours = sample_images(
@@ -109,6 +113,33 @@ def test_import_of_export_keeps_every_tensor(ckpt, tmp_path, weights):
             assert torch.equal(back[part][key], tensor), (part, key)
     ema, raw = find_ema_state(checkpoint)["shadow"], expected["unet"]
     assert weights == "ema" or any(not torch.equal(ema[k], raw[k]) for k in raw)  # the flag picks different weights
+
+
+def test_single_file_of_an_open_clip_run_loads_in_diffusers_and_starts_a_run_from_the_preset(ckpt, tmp_path, dataset):
+    """SD 2.x layout: the OpenCLIP tower as cond_stage_model.model.*; model.pretrained=FILE with no configs folder
+    takes the U-Net/VAE configs from the preset (experiment=tiny) and the text encoder's sizes from the file."""
+    model = load_trained(ckpt)
+    file = str(tmp_path / "tiny.safetensors")
+    out = export_diffusers(model, str(tmp_path / "export"), single_file=file)
+    with safe_open(file, "pt") as f:
+        tower = {k for k in f.keys() if k.startswith("cond_stage_model.model.")}  # noqa: SIM118
+    assert tower == {f"cond_stage_model.model.{k}" for k in model.text_encoder.tower.state_dict()}  # the whole tower
+    folder = StableDiffusionPipeline.from_pretrained(out, local_files_only=True)
+    assert_same_parts(folder, StableDiffusionPipeline.from_single_file(file, config=out, local_files_only=True))
+
+    cache = tmp_path / "cache"
+    run = run_train(
+        tmp_path / "run", f"model.pretrained={file}", f"data.shards={dataset}", "debug=fast",
+        env={"SDTRAIN_CACHE": str(cache)},
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    converted = StableDiffusionPipeline.from_pretrained(only_folder(cache / "single_file"), local_files_only=True)
+    assert_same_parts(folder, converted)
+    prompts = ["grinning face 0", "red apple 1", ""]
+    with torch.no_grad():  # the converted CLIPTextModel conditions as the trained OpenCLIP tower did
+        tokens = converted.tokenizer(prompts, padding="max_length", max_length=77, return_tensors="pt").input_ids
+        theirs = converted.text_encoder(tokens).last_hidden_state
+    assert torch.allclose(model.text_encoder(model.tokenizer(prompts)), theirs, atol=1e-5)
 
 
 def _cli(module, *args, timeout=300):

@@ -92,8 +92,12 @@ def test_a_user_yaml_without_the_schema_is_checked_against_it():
         to_object(OmegaConf.create({"colour": "red"}), "data", LatentDataConfig)
 
 
-def test_planner_refuses_what_it_cannot_count_in_one_line(capsys):
+def test_planner_errors_are_one_line(capsys):
     from sdtrain.launch.plan import main
 
     assert main(["--", "model.pretrained=/released/sd15"]) == 2
-    assert capsys.readouterr().err.startswith("error: sdtrain-plan counts the model presets")
+    err = capsys.readouterr().err
+    assert (
+        err.startswith("error: model.pretrained=/released/sd15 is not a diffusers pipeline folder")
+        and err.count("\n") == 1
+    )

@@ -56,6 +56,19 @@ def test_memory_accounting_follows_zero_stages():
     assert (z3.weights, z3.grads, z3.optimizer, z3.ema) == (2 * p / n, 2 * p / n, 12 * p / n, 4 * p / n)
 
 
+def test_planner_counts_a_pipeline_folder_from_its_configs(tmp_path, capsys):
+    from diffusers import StableDiffusionPipeline
+    from pipelines import save_tiny_pipeline
+
+    folder = save_tiny_pipeline(tmp_path / "released", "sd2")
+    assert plan_main(["--", f"model.pretrained={folder}"]) == 0
+    out = capsys.readouterr().out
+    pipe = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True)
+    count = lambda *parts: sum(p.numel() for part in parts for p in part.parameters())  # noqa: E731
+    assert f"{count(pipe.unet) / 1e6:,.1f} M" in out.splitlines()[0]  # the folder's U-Net, not the preset's
+    assert f"{count(pipe.text_encoder, pipe.vae) / 1e6:,.1f} M" in out.splitlines()[1]
+
+
 def test_planner_cli_for_sd2(capsys):
     assert plan_main(["--gpu", "H100", "--gpus", "8", "--sharding", "zero2", "--", "model=sd2", "trainer=gpu"]) == 0
     out = capsys.readouterr().out

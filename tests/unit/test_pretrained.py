@@ -2,13 +2,13 @@
 
 import pytest
 import torch
-from diffusers import UNet2DConditionModel
-from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
 from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
 from sdtrain.errors import CheckpointError, ConfigError
-from sdtrain.export.ldm import unet_to_ldm
+from sdtrain.export.ldm import unet_to_ldm, vae_to_ldm
 from sdtrain.launch.config import compose_config
 from sdtrain.models.diffusers_parts import UNetConfig, build_unet
 
@@ -27,6 +27,19 @@ def test_ldm_export_maps_back_through_diffusers_converter(overrides):
     back = convert_ldm_unet_checkpoint(unet_to_ldm(state, dict(unet.config)), dict(unet.config))
     assert set(back) == set(state)
     assert all(back[k] is state[k] for k in state)  # each diffusers name comes back to its own tensor
+
+
+@pytest.mark.parametrize("overrides", [["model=tiny"], ["model=sd15"], ["model=sd2"]])
+def test_vae_ldm_names_map_back_through_diffusers_converter(overrides):
+    config = OmegaConf.to_container(compose_config(list(overrides)).model.vae.config)
+    with torch.device("meta"):
+        vae = AutoencoderKL.from_config(config)
+    state = vae.state_dict()
+    ldm = vae_to_ldm(state, dict(vae.config))
+    assert all(k.startswith("first_stage_model.") for k in ldm)
+    back = convert_ldm_vae_checkpoint(ldm, dict(vae.config))
+    assert set(back) == set(state)
+    assert all(back[k].shape == state[k].shape for k in state)  # 1x1-conv attention squeezed back to linear
 
 
 def test_unet_from_ldm_single_file_diffusers_file_and_folder(tmp_path):
