@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import random
+import signal
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -235,6 +236,13 @@ def shuffle_buffer(source: Iterator[dict[str, Any]], size: int, rng: random.Rand
     yield from buffer
 
 
+def leave_termination_to_the_parent(worker_id: int) -> None:
+    """DataLoader workers ignore SIGTERM: a SLURM requeue or scancel signals every process of the job, and a
+    worker dying first made the training process raise "DataLoader worker ... killed by signal: Terminated".
+    Workers still stop with their parent (PyTorch's worker watchdog sees it gone)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def build_dataloader(stream: LatentStream) -> DataLoader:
     """Batches are made in the workers (batch_size=None); persistent workers keep the epoch loop alive."""
     cfg = stream.cfg
@@ -244,6 +252,7 @@ def build_dataloader(stream: LatentStream) -> DataLoader:
         num_workers=cfg.num_workers,
         pin_memory=torch.cuda.is_available(),
         persistent_workers=cfg.num_workers > 0,
+        worker_init_fn=leave_termination_to_the_parent if cfg.num_workers > 0 else None,
         prefetch_factor=cfg.prefetch_factor if cfg.num_workers > 0 else None,
         multiprocessing_context="spawn" if cfg.num_workers > 0 and torch.cuda.is_initialized() else None,
     )

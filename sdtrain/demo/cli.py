@@ -6,7 +6,8 @@
    hidden states from the real pretrained all-MiniLM-L6-v2 text model as text.npy);
 4. train the tiny U-Net with EMA (`experiment=demo`), writing checkpoints and sample grids;
 5. leave DIR/samples_final.png next to DIR/real_grid.png (the real images of the same prompts);
-6. sdtrain-eval: FID of an early and the final checkpoint vs DIR/real, and a mean-colour baseline (DIR/eval/).
+6. sdtrain-eval: FID of an early and the final checkpoint vs DIR/real, and a mean-colour baseline (DIR/eval/);
+7. sdtrain-report: DIR/run/report.html, the curves (loss, val loss, img/s, FID) and every sample grid on one page.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from torchvision.utils import make_grid, save_image
 from sdtrain.checkpoint.format import LAST_NAME
 from sdtrain.demo.emoji_images import CaptionedImage, emoji_pairs, load_pixels
 from sdtrain.demo.vae_training import VAETrainConfig, encode_moments, latent_statistics, psnr, train_vae
+from sdtrain.evaluate.report import write_report
 from sdtrain.models.diffusers_parts import encoder_fingerprint
 from sdtrain.prep.shard_writer import LatentSample, write_shards
 from sdtrain.seeding import numpy_rng
@@ -171,9 +173,14 @@ def main(argv: list[str] | None = None) -> int:
     final = os.path.join(args.out, "samples_final.png")
     shutil.copyfile(os.path.join(run_dir, "samples", grids[-1]), final)
     log.info("done: %s (generated, one row per prompt) vs %s (real)", final, os.path.join(args.out, "real_grid.png"))
-    if args.skip_eval:
-        return 0
-    return evaluate_run(run_dir, args.out)
+    eval_dir = None
+    if not args.skip_eval:
+        code = evaluate_run(run_dir, args.out)
+        if code != 0:
+            return code
+        eval_dir = os.path.join(args.out, "eval")
+    log.info("report: %s", write_report(run_dir, eval_dir))
+    return 0
 
 
 def evaluate_run(run_dir: str, out: str) -> int:

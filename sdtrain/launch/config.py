@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -59,6 +60,43 @@ SCHEMAS: dict[str, dict[str, type]] = {
     "callbacks": {"_schema": CallbacksConfig},
     "strategy": {"_auto": AutoStrategyConfig, "_ddp": DDPConfig, "_deepspeed": ZeroConfig, "_fsdp": FSDPConfig},
 }
+
+
+BRACE_RANGE = re.compile(r"\{[^{}:]*(\.\.|,)[^{}:]*\}")  # webdataset/MLPerf shard patterns: {000..099}, {a,b}
+
+
+def _split_list(body: str) -> list[str]:
+    """Items of a Hydra list body, split at commas outside braces."""
+    items, depth, current = [], 0, ""
+    for char in body:
+        depth += char == "{"
+        depth -= char == "}"
+        if char == "," and depth == 0:
+            items.append(current)
+            current = ""
+        else:
+            current += char
+    return [*items, current]
+
+
+def _quoted(value: str) -> str:
+    if not BRACE_RANGE.search(value) or value[:1] in "'\"":
+        return value
+    return "'" + value.replace("'", "\\'") + "'"
+
+
+def quote_brace_patterns(overrides: list[str]) -> list[str]:
+    """Overrides with brace-pattern values quoted for Hydra's grammar, which reads `{` as a dict:
+    `data.shards=/d/{000000..000099}.tar` (and lists of such patterns) work as users type them."""
+    out = []
+    for override in overrides:
+        key, sep, value = override.partition("=")
+        if sep and value.startswith("[") and value.endswith("]"):
+            value = "[" + ",".join(_quoted(item) for item in _split_list(value[1:-1])) + "]"
+        elif sep:
+            value = _quoted(value)
+        out.append(key + sep + value)
+    return out
 
 
 def package_folder(package: str, subfolder: str = "") -> str:

@@ -1,4 +1,5 @@
-"""Loggers from `conf/logger/*`: csv (default), wandb (WANDB_MODE=offline works without network), none."""
+"""Loggers from `conf/logger/*`: csv (default), tensorboard, wandb (WANDB_MODE=offline works without network),
+none. Each gets the resolved config as its hyperparameters (launch/train.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import secrets
 import string
 from typing import Any
 
-from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
 
 from sdtrain.errors import ConfigError
 
@@ -47,8 +48,10 @@ def build_loggers(cfg: dict[str, Any], run_dir: str, rank: int, resumed_id: str 
     if kind == "csv":
         # A new version_N folder per (re)start: a resumed run never overwrites the earlier metrics.csv.
         return [CSVLogger(save_dir=run_dir, name="logs", **options)]
+    if kind == "tensorboard":  # DIR/logs/version_N/events.out.tfevents.* (+ hparams.yaml)
+        return [TensorBoardLogger(save_dir=run_dir, name="logs", default_hp_metric=False, **options)]
     if kind == "wandb":
         # Only rank 0 creates the id file; other ranks' WandbLogger is a no-op (rank_zero_only experiment).
         run_id = _wandb_run_id(run_dir, resumed_id) if rank == 0 else None
         return [WandbLogger(save_dir=run_dir, id=run_id, resume="allow", **options)]
-    raise ConfigError(f"logger.kind={kind!r} is not known (csv, wandb, none)")
+    raise ConfigError(f"logger.kind={kind!r} is not known (csv, tensorboard, wandb, none)")

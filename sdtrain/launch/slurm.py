@@ -106,10 +106,10 @@ def render(job: SlurmJob) -> str:
 def check_overrides(overrides: list[str]) -> None:
     """Compose the real config with the user's overrides: a typo fails here, not after hours in the queue."""
     from sdtrain.config import config_error_line
-    from sdtrain.launch.config import CONFIG_ERRORS, compose_config
+    from sdtrain.launch.config import CONFIG_ERRORS, compose_config, quote_brace_patterns
 
     try:
-        compose_config(list(overrides))
+        compose_config(quote_brace_patterns(list(overrides)))
     except CONFIG_ERRORS as exc:
         raise ConfigError(config_error_line(exc)) from None
 

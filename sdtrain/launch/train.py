@@ -18,7 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities import rank_zero_only
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from sdtrain.checkpoint.files import AtomicCheckpointIO, load_checkpoint_meta, state_dict_mismatch
 from sdtrain.checkpoint.format import WANDB_ID_KEY, sdtrain_state
@@ -29,11 +29,19 @@ from sdtrain.config import to_object
 from sdtrain.data.datamodule import LatentDataModule
 from sdtrain.data.loader import LatentDataConfig, LatentStream
 from sdtrain.data.probe import probe
+from sdtrain.data.shards import ShardSet
 from sdtrain.diffusion.objective import DiffusionConfig, DiffusionObjective
 from sdtrain.errors import CheckpointError, ConfigError, SdtrainError, one_line
-from sdtrain.launch.config import CONF_PATH, one_line_config_errors, register_configs, to_plain
+from sdtrain.launch.config import (
+    CONF_PATH,
+    one_line_config_errors,
+    quote_brace_patterns,
+    register_configs,
+    to_plain,
+)
 from sdtrain.launch.loggers import build_loggers
 from sdtrain.launch.slurm import log_placement
+from sdtrain.launch.startup import quiet_known_noise, start_header
 from sdtrain.launch.strategy import build_strategy
 from sdtrain.models.builder import ModelConfig, build_model
 from sdtrain.models.diffusers_parts import encoder_fingerprint
@@ -47,8 +55,8 @@ from sdtrain.training.optim import OptimConfig
 log = logging.getLogger("sdtrain")
 
 
-def build_module(cfg: DictConfig, data: LatentDataConfig) -> tuple[LatentDiffusionModule, LatentDataModule]:
-    """The LightningModule (model + objective + optimizer settings) and the data stream for `cfg`."""
+def build_module(cfg: DictConfig, data: LatentDataConfig) -> tuple[LatentDiffusionModule, LatentDataModule, ShardSet]:
+    """The LightningModule (model + objective + optimizer settings), the data stream and its shards for `cfg`."""
     model: ModelConfig = to_object(cfg.model, "model", ModelConfig)
     if model.unet.config.get("addition_embed_type"):
         raise ConfigError(
@@ -92,13 +100,13 @@ def build_module(cfg: DictConfig, data: LatentDataConfig) -> tuple[LatentDiffusi
         normalizer=probed.normalizer,
         seed=cfg.seed,
     )
-    return module, LatentDataModule(stream)
+    return module, LatentDataModule(stream), probed.shard_set
 
 
 def run(cfg: DictConfig, run_dir: str) -> L.Trainer:
     seed_everything(cfg.seed)
     data: LatentDataConfig = to_object(cfg.data, "data", LatentDataConfig)
-    module, datamodule = build_module(cfg, data)
+    module, datamodule, shard_set = build_module(cfg, data)
     trainer_kwargs: dict[str, Any] = to_plain(cfg.trainer)
     if not trainer_kwargs.get("max_steps") or trainer_kwargs["max_steps"] < 1:
         raise ConfigError("trainer.max_steps must be >= 1 (the data stream is endless; steps set the length)")
@@ -109,7 +117,16 @@ def run(cfg: DictConfig, run_dir: str) -> L.Trainer:
     loggers = build_loggers(to_plain(cfg.logger), run_dir, rank_zero_only.rank, resumed_id)
     module.run_metadata = {WANDB_ID_KEY: next((lg.version for lg in loggers if isinstance(lg, WandbLogger)), None)}
     callbacks_cfg = to_object(cfg.callbacks, "callbacks", CallbacksConfig)
-    callbacks = build_callbacks(callbacks_cfg, run_dir, val_shards=data.val_shards, latent_key=data.latent_key)
+    if not callbacks_cfg.progress.bar():  # lines instead (job logs): no bar drawing into a file
+        trainer_kwargs["enable_progress_bar"] = False
+    trainer_kwargs.setdefault("enable_model_summary", False)  # the start header below says it in five lines
+    callbacks = build_callbacks(
+        callbacks_cfg,
+        run_dir,
+        val_shards=data.val_shards,
+        latent_key=data.latent_key,
+        progress_bar=trainer_kwargs.get("enable_progress_bar", True),
+    )
     strategy = build_strategy(to_object(cfg.strategy, "strategy"), trainer_kwargs, data.batch_size)
     # Under SLURM our RequeueOnSignal does the requeue (into DIR/checkpoints), not Lightning's hpc_ckpt.
     environment = [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else []
@@ -127,6 +144,17 @@ def run(cfg: DictConfig, run_dir: str) -> L.Trainer:
         )
     except TypeError as exc:
         raise ConfigError(f"trainer: {exc}") from None
+    start_header(
+        module=module,
+        shard_set=shard_set,
+        data=data,
+        trainer=trainer,
+        strategy=str(cfg.strategy.get("kind", "auto")),
+        ckpt_path=resume_line(ckpt_path),
+        run_dir=run_dir,
+    )
+    for logger in loggers:  # the resolved config: runs compared by their settings (secrets were refused above)
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     except RuntimeError as exc:
@@ -147,7 +175,17 @@ def hydra_main(cfg: DictConfig) -> None:
         sys.exit(2)
 
 
+def resume_line(ckpt_path: str | None) -> str | None:
+    """Which checkpoint a resumed run continues, at which step and data position (the stream's batches)."""
+    if not ckpt_path:
+        return None
+    step = int(load_checkpoint_meta(ckpt_path).get("global_step", 0))
+    return f"{ckpt_path} at step {step} (each rank's stream resumes after {step} batches)"
+
+
 def main() -> None:
+    quiet_known_noise()
+    sys.argv[1:] = quote_brace_patterns(sys.argv[1:])
     register_configs()
     one_line_config_errors()
     hydra_main()

@@ -18,11 +18,12 @@ import sys
 from collections.abc import Sequence
 
 import torch
-from torchvision.utils import make_grid, save_image
+from torchvision.utils import save_image
 from tqdm import tqdm
 
 from sdtrain.checkpoint.format import WEIGHTS
 from sdtrain.checkpoint.trained import TrainedModel, load_trained
+from sdtrain.diffusion.grid import labelled_grid
 from sdtrain.diffusion.sampling import SCHEDULERS, SamplingConfig, generate
 from sdtrain.errors import ConfigError, command_line
 
@@ -103,7 +104,8 @@ def write_images(images: torch.Tensor, pairs: Sequence[tuple[str, int]], out: st
             save_image(image, os.path.join(out, name))
             index.write(json.dumps({"file": name, "prompt": prompt, "seed": seed}, ensure_ascii=False) + "\n")
     grid = os.path.join(out, "grid.png")
-    save_image(make_grid(images, nrow=seeds_per_prompt, padding=2, pad_value=1.0), grid)
+    prompts = [prompt for prompt, _ in pairs[::seeds_per_prompt]]
+    labelled_grid(images, prompts, seeds_per_prompt).save(grid)
     return grid
 
 

@@ -118,6 +118,14 @@ class LatentDiffusionModule(L.LightningModule):
         log.warning("%s: step skipped (%d so far)", where, self.nonfinite_skips)
         return None  # Lightning skips backward and the parameter update
 
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """train/grad_norm (the U-Net's total L2 norm, on the device: no host sync) and train/lr."""
+        self.log("train/lr", float(optimizer.param_groups[0]["lr"]))
+        grads = [p.grad for p in self.unet.parameters() if p.grad is not None]
+        if grads:  # under DeepSpeed ZeRO the gradients live in its partitions: none to measure here
+            norm = torch.nn.utils.get_total_norm(grads)
+            self.log("train/grad_norm", norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         if self._pending_rng is not None:  # after the dataloader started, right before the first resumed step
             set_rng_state(self._pending_rng)

@@ -2,11 +2,14 @@
 
 import csv
 import glob
+from pathlib import Path
 
 import pytest
 import torch
 from helpers import run_train
 from PIL import Image
+
+from sdtrain.diffusion.grid import LABEL_WIDTH, PAD
 
 pytestmark = pytest.mark.slow
 FAST = [
@@ -37,8 +40,8 @@ def test_fit_writes_checkpoints_samples_and_metrics(tmp_path, dataset):
     assert _ckpt(run / "checkpoints" / "last.ckpt")["global_step"] == 7
     for step in (3, 6, 7):
         grid = Image.open(run / "samples" / f"step_{step:06d}.png")
-        # 2 prompts x 1 seed of 32x32 px (8x8 latents, 4x VAE), 2 px padding
-        assert grid.size == (2 + 32 + 2, 2 + 2 * (32 + 2))
+        # 2 prompts x 1 seed of 32x32 px (8x8 latents, 4x VAE) upscaled 4x, the prompts in a label column
+        assert grid.size == (LABEL_WIDTH + 128 + 2 * PAD, 2 * (128 + PAD) + PAD)
     with open(run / "logs" / "version_0" / "metrics.csv") as f:
         losses = [float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")]
     assert losses and all(loss > 0 for loss in losses)
@@ -82,20 +85,22 @@ def test_resume_from_explicit_path(tmp_path, dataset):
     assert _ckpt(tmp_path / "second" / "checkpoints" / "last.ckpt")["global_step"] == 5
 
 
-def test_wandb_offline_writes_a_run_directory(tmp_path, dataset):
+def test_wandb_offline_run_has_the_config_images_and_survives_a_resume(tmp_path, dataset):
+    """Without SLURM or root: a run and its resume log into the same W&B run, with the resolved config, the
+    sample images captioned by prompt, and the metrics namespaced."""
     run = tmp_path / "run"
-    result = run_train(
-        run,
-        f"data.shards={dataset}",
-        "logger=wandb",
-        "trainer.max_steps=3",
-        "callbacks.samples.every_n_steps=0",
-        *FAST,
-        env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"},
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    common = [f"data.shards={dataset}", "logger=wandb", "callbacks.samples.every_n_steps=0", *FAST]
+    env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    first = run_train(run, *common, "trainer.max_steps=3", env=env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    again = run_train(run, *common, "trainer.max_steps=5", "resume=auto", env=env)
+    assert again.returncode == 0, again.stderr[-3000:]
     run_id = (run / "wandb_run_id.txt").read_text().strip()
-    runs = glob.glob(str(run / "wandb" / f"offline-run-*-{run_id}"))
-    assert runs, list(run.rglob("*"))[:20]
+    runs = sorted(glob.glob(str(run / "wandb" / "offline-run-*")))
+    assert len(runs) == 2 and all(r.endswith(f"-{run_id}") for r in runs), runs  # one W&B run, two sessions
+    record = (Path(runs[0]) / f"run-{run_id}.wandb").read_bytes()  # offline: the config is a record in here
+    # one config item per group, its value the resolved group as JSON
+    for nested in (b'"cross_attention_dim"', b'"batch_size":8', b'"warmup_steps"', b'"every_n_steps"', b'"max_steps"'):
+        assert nested in record, nested
     assert glob.glob(f"{runs[0]}/run-{run_id}.wandb")
-    assert glob.glob(f"{runs[0]}/files/media/images/samples_*.png")  # the sample grid went to W&B too
+    assert glob.glob(f"{runs[0]}/files/media/images/samples_*.png")  # the sample images went to W&B too

@@ -101,3 +101,14 @@ def test_planner_errors_are_one_line(capsys):
         err.startswith("error: model.pretrained=/released/sd15 is not a diffusers pipeline folder")
         and err.count("\n") == 1
     )
+
+
+def test_brace_patterns_are_quoted_for_hydra_and_nothing_else_is():
+    from sdtrain.launch.config import quote_brace_patterns
+
+    assert quote_brace_patterns(["data.shards=/d/{000000..000099}.tar"]) == ["data.shards='/d/{000000..000099}.tar'"]
+    assert quote_brace_patterns(["data.shards=[/a/{0..3}.tar,/b/{x,y}.tar]"]) == [
+        "data.shards=['/a/{0..3}.tar','/b/{x,y}.tar']"
+    ]
+    untouched = ["a=1", "data.shards='/q/{0..1}.tar'", "+model.unet.config={a:1,b:2}", "trainer.max_steps=3"]
+    assert quote_brace_patterns(untouched) == untouched

@@ -15,6 +15,7 @@ from sdtrain.errors import ConfigError
 from sdtrain.training.callbacks.checkpointing import CheckpointConfig, run_checkpoint
 from sdtrain.training.callbacks.ema import EMACallback, EMAConfig
 from sdtrain.training.callbacks.preemption import PreemptionConfig, RequeueOnSignal
+from sdtrain.training.callbacks.progress import ProgressConfig, ProgressLog, StepProgressBar
 from sdtrain.training.callbacks.samples import SampleGridCallback, SampleScheduleConfig
 from sdtrain.training.callbacks.throughput import ThroughputCallback
 from sdtrain.training.callbacks.validation import FixedTimestepValidation, ValidationConfig
@@ -30,16 +31,25 @@ class CallbacksConfig:
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     """Fixed-timestep validation loss on data.val_shards (val/loss, val/loss_tNNN)."""
     preemption: PreemptionConfig = field(default_factory=PreemptionConfig)
+    progress: ProgressConfig = field(default_factory=ProgressConfig)
+    """Progress lines in job logs (no terminal) or the progress bar (a terminal)."""
     peak_flops: float | None = None
     """Accelerator peak FLOP/s for MFU; null = looked up by device name (H100, A100, ...)."""
 
 
-def build_callbacks(cfg: CallbacksConfig, run_dir: str, *, val_shards: object, latent_key: str) -> list[L.Callback]:
-    """The run's callbacks; `val_shards` is data.val_shards (the held-out set callbacks.validation needs)."""
+def build_callbacks(
+    cfg: CallbacksConfig, run_dir: str, *, val_shards: object, latent_key: str, progress_bar: bool = True
+) -> list[L.Callback]:
+    """The run's callbacks; `val_shards` is data.val_shards (the held-out set callbacks.validation needs);
+    `progress_bar` is false when the trainer draws none (trainer.enable_progress_bar=false)."""
     callbacks: list[L.Callback] = [
         run_checkpoint(cfg.checkpoint, run_dir),
         ThroughputCallback(peak_flops_override=cfg.peak_flops),
     ]
+    if cfg.progress.lines():
+        callbacks.append(ProgressLog(cfg.progress))
+    if cfg.progress.bar() and progress_bar:
+        callbacks.append(StepProgressBar())
     if cfg.preemption.enabled and SLURMEnvironment.detect():
         last = os.path.join(run_dir, "checkpoints", LAST_NAME)
         requeue = cfg.preemption.requeue

@@ -12,7 +12,9 @@ import logging
 import os
 import signal
 import subprocess
+import sys
 from dataclasses import dataclass
+from types import FrameType
 from typing import Any
 
 import lightning as L
@@ -30,6 +32,14 @@ class PreemptionConfig:
     """sbatch --signal=USR1@SECONDS."""
     requeue: bool = True
     """scontrol requeue once; the new job continues with resume=auto."""
+
+
+def _exit_quietly(signum: int, frame: FrameType | None) -> None:
+    log.info("SLURM ends this job for its requeue: exiting (the requeued job resumes from the checkpoint)")
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 class RequeueOnSignal(L.Callback):
@@ -58,6 +68,12 @@ class RequeueOnSignal(L.Callback):
             "%s received: saved %s at step %d", signal.Signals(self.signum).name, self.ckpt_path, trainer.global_step
         )
         job_id = os.environ.get("SLURM_JOB_ID")
+        if self.requeue and job_id:
+            # `scontrol requeue` makes SLURM end every task of this job (SIGTERM): exit quietly then, instead of
+            # each rank printing Hydra's "Error executing job", worker and gloo tracebacks into the job log. The
+            # checkpoint is complete, so nothing is lost. Installed on every rank before rank 0 requeues.
+            signal.signal(signal.SIGTERM, _exit_quietly)
+            trainer.strategy.barrier("requeue")
         if self.requeue and job_id and trainer.is_global_zero:
             result = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, check=False)
             if result.returncode == 0:

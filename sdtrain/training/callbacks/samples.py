@@ -17,8 +17,8 @@ import lightning as L
 import torch
 import torch.distributed as dist
 from lightning.pytorch.loggers import WandbLogger
-from torchvision.utils import make_grid, save_image
 
+from sdtrain.diffusion.grid import labelled_grid
 from sdtrain.diffusion.sampling import SamplingConfig, generate
 from sdtrain.training import signals
 from sdtrain.training.callbacks.ema import find_ema
@@ -95,10 +95,15 @@ class SampleGridCallback(L.Callback):
     def _save(self, trainer: L.Trainer, images: torch.Tensor) -> str:
         os.makedirs(self.out_dir, exist_ok=True)
         path = os.path.join(self.out_dir, f"step_{trainer.global_step:06d}.png")
-        grid = make_grid(images, nrow=len(self.cfg.seeds), padding=2, pad_value=1.0)
-        save_image(grid, path)
+        labelled_grid(images, list(self.cfg.prompts), len(self.cfg.seeds)).save(path)
         for logger in trainer.loggers:
-            if isinstance(logger, WandbLogger):
-                logger.log_image("samples", [path], step=trainer.global_step, caption=[f"step {trainer.global_step}"])
+            if isinstance(logger, WandbLogger):  # each image with its prompt and seed as the caption
+                pairs = self.pairs()
+                logger.log_image(
+                    "samples",
+                    list(images),
+                    step=trainer.global_step,
+                    caption=[f"{prompt} (seed {seed})" for prompt, seed in pairs],
+                )
         log.info("sample grid written to %s", path)
         return path
