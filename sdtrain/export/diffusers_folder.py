@@ -97,6 +97,9 @@ def _save_text_encoder(model: TrainedModel, out: str) -> dict[str, list[str | No
     if model.text_config.kind == "transformers":
         hf_model = model.text_encoder.model
         tokenizer = model.tokenizer.tokenizer
+        # diffusers pads prompts to model_max_length: the context length the run trained with (BERT-style
+        # folders say 512)
+        tokenizer.model_max_length = model.text_config.context_length
         tokenizer.save_pretrained(tokenizer_dir)
     else:
         hf_model, unused = open_clip_to_clip(model.text_encoder.tower, model.text_config.resolved_layer)

