@@ -161,7 +161,7 @@ def import_diffusers(folder: str) -> dict[str, dict[str, torch.Tensor]]:
     for key, values in (info.get("vae_shift_folded") or {}).items():
         vae_state[key] = torch.tensor(values, dtype=vae_state[key].dtype)
     text = load_file(os.path.join(folder, "text_encoder", "model.safetensors"))
-    kind = info.get("text_encoder", {}).get("kind") or _legacy_text_kind(folder)
+    kind = export_text_kind(folder, info)
     if kind == "open_clip":  # converted to CLIPTextModel: back to the tower FrozenOpenCLIPText holds
         tower = clip_to_open_clip(text, load_file(os.path.join(folder, UNUSED_TEXT_FILE)))
         text = {f"tower.{k}": v for k, v in tower.items()}
@@ -170,8 +170,11 @@ def import_diffusers(folder: str) -> dict[str, dict[str, torch.Tensor]]:
     return {"unet": unet.state_dict(), "vae": vae_state, "text_encoder": text}
 
 
-def _legacy_text_kind(folder: str) -> str | None:
-    """Exports before sdtrain.json named the text encoder: transformers if model_index.json names one, else the
-    OpenCLIP tower in sdtrain's own file (None: its keys are already the wrapper's)."""
+def export_text_kind(folder: str, info: dict[str, Any]) -> str | None:
+    """Which text encoder an export holds: sdtrain.json names it; older exports have transformers when
+    model_index.json names one, else (None) the OpenCLIP tower in sdtrain's own text_encoder/ file."""
+    kind = info.get("text_encoder", {}).get("kind")
+    if kind:
+        return kind
     with open(os.path.join(folder, "model_index.json"), encoding="utf-8") as f:
         return "transformers" if json.load(f).get("text_encoder", [None])[0] == "transformers" else None

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from sdtrain.diffusion.sampling import initial_noise
 from sdtrain.errors import CheckpointError
-from sdtrain.export.diffusers_folder import read_export_info
+from sdtrain.export.diffusers_folder import export_text_kind, read_export_info
 from sdtrain.models.text_encoder import TextEncoderConfig, build_text_encoder, build_tokenizer
 
 
@@ -79,8 +79,7 @@ def load_pipeline(folder: str, device: str | torch.device = "cpu") -> ExportedPi
     """An sdtrain export as a pipeline called with (prompts, seeds) like `sdtrain-sample`. The folder itself is
     plain diffusers: `StableDiffusionPipeline.from_pretrained(folder)` runs it with no sdtrain code."""
     info = read_export_info(folder)
-    with open(os.path.join(folder, "model_index.json"), encoding="utf-8") as f:
-        legacy = json.load(f).get("text_encoder", [None])[0] is None
+    legacy = export_text_kind(folder, info) is None  # the OpenCLIP tower in sdtrain's own format
     parts = {"text_encoder": None, "tokenizer": None} if legacy else {}
     pipe = StableDiffusionPipeline.from_pretrained(
         folder, **parts, safety_checker=None, feature_extractor=None, local_files_only=True, low_cpu_mem_usage=False

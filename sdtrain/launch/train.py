@@ -114,7 +114,8 @@ def run(cfg: DictConfig, run_dir: str) -> L.Trainer:
     log_placement()
     ckpt_path = resolve_resume(cfg.resume, run_dir)
     # A resumed run keeps logging into the W&B run its checkpoint came from.
-    resumed_id = sdtrain_state(load_checkpoint_meta(ckpt_path)).get(WANDB_ID_KEY) if ckpt_path else None
+    resumed = load_checkpoint_meta(ckpt_path) if ckpt_path else None
+    resumed_id = sdtrain_state(resumed).get(WANDB_ID_KEY) if resumed else None
     loggers = build_loggers(to_plain(cfg.logger), run_dir, rank_zero_only.rank, resumed_id)
     module.run_metadata = {WANDB_ID_KEY: next((lg.version for lg in loggers if isinstance(lg, WandbLogger)), None)}
     callbacks_cfg = to_object(cfg.callbacks, "callbacks", CallbacksConfig)
@@ -151,7 +152,7 @@ def run(cfg: DictConfig, run_dir: str) -> L.Trainer:
         data=data,
         trainer=trainer,
         strategy=str(cfg.strategy.get("kind", "auto")),
-        ckpt_path=resume_line(ckpt_path),
+        ckpt_path=resume_line(ckpt_path, resumed),
         run_dir=run_dir,
     )
     for logger in loggers:  # the resolved config: runs compared by their settings (secrets were refused above)
@@ -176,11 +177,11 @@ def hydra_main(cfg: DictConfig) -> None:
         sys.exit(2)
 
 
-def resume_line(ckpt_path: str | None) -> str | None:
+def resume_line(ckpt_path: str | None, meta: dict[str, Any] | None) -> str | None:
     """Which checkpoint a resumed run continues, at which step and data position (the stream's batches)."""
-    if not ckpt_path:
+    if not ckpt_path or meta is None:
         return None
-    step = int(load_checkpoint_meta(ckpt_path).get("global_step", 0))
+    step = int(meta.get("global_step", 0))
     return f"{ckpt_path} at step {step} (each rank's stream resumes after {step} batches)"
 
 

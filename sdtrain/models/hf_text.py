@@ -90,22 +90,28 @@ class FrozenHFText(nn.Module):
         return getattr(self.model, "text_model", self.model).final_layer_norm(hidden)
 
 
+def text_model_class(config: Any) -> type:
+    """The transformers class a text encoder folder's config loads as: its CLIPText* architecture for CLIP
+    (CLIPTextModelWithProjection stays itself), else what AutoModel maps the config to."""
+    import transformers
+    from transformers import AutoModel
+
+    architectures = getattr(config, "architectures", None) or []
+    if config.model_type in ("clip_text_model", "clip") or any(a.startswith("CLIPText") for a in architectures):
+        return getattr(transformers, next((a for a in architectures if a.startswith("CLIPText")), "CLIPTextModel"))
+    return AutoModel._model_mapping[type(config)]
+
+
 def load_hf_text_model(folder: str) -> nn.Module:
     """`CLIPTextModel` / `CLIPTextModelWithProjection` / any AutoModel text model from a local folder."""
-    from transformers import AutoConfig, AutoModel
+    from transformers import AutoConfig
 
     if not os.path.isfile(os.path.join(folder, "config.json")):
         raise CheckpointError(f"text encoder folder {folder} has no config.json (expected a transformers folder)")
     try:
         config = AutoConfig.from_pretrained(folder, local_files_only=True)
-        architectures = getattr(config, "architectures", None) or []
-        if config.model_type in ("clip_text_model", "clip") or any(a.startswith("CLIPText") for a in architectures):
-            import transformers
-
-            name = next((a for a in architectures if a.startswith("CLIPText")), "CLIPTextModel")
-            return getattr(transformers, name).from_pretrained(folder, local_files_only=True)
-        return AutoModel.from_pretrained(folder, local_files_only=True)
-    except (OSError, ValueError) as exc:
+        return text_model_class(config).from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
         raise CheckpointError(f"text encoder {folder} does not load: {str(exc).strip().splitlines()[0]}") from None
 
 

@@ -64,6 +64,7 @@ def architecture(cfg: Any) -> tuple[Any, dict[str, Any] | None]:
     without reading any weights (sdtrain-plan). A single file is counted by its configs folder or the preset."""
     from transformers import AutoConfig
 
+    from sdtrain.models.hf_text import text_model_class
     from sdtrain.models.pretrained import model_folder
     from sdtrain.models.text_encoder import tokenizer_files
 
@@ -82,9 +83,7 @@ def architecture(cfg: Any) -> tuple[Any, dict[str, Any] | None]:
     if text.kind != "transformers":
         return cfg, None
     config = AutoConfig.from_pretrained(text.pretrained, local_files_only=True)
-    name = (
-        getattr(config, "architectures", None) or ["CLIPTextModel" if "clip" in config.model_type else "AutoModel"]
-    )[0]
+    name = text_model_class(config).__name__  # the class training loads it as (models/hf_text.py)
     described = {"config": {"class": name, **config.to_dict()}, "tokenizer_files": tokenizer_files(text)}
     return cfg, described
 
