@@ -114,3 +114,12 @@ def assert_same_parts(a, b, parts=("unet", "vae", "text_encoder")) -> None:
 def only_folder(path: Path) -> Path:
     (folder,) = [p for p in path.iterdir() if p.is_dir()]
     return folder
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (for a test's process group)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

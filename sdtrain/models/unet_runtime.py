@@ -21,6 +21,8 @@ from sdtrain.errors import ConfigError
 
 log = logging.getLogger(__name__)
 ATTENTION = ("sdpa", "xformers", "math", "auto")
+COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+MAX_SHAPES = 64  # graphs per compiled U-Net (torch's default of 8 recompiles would fall back to eager with buckets)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -32,13 +34,18 @@ class UNetRuntimeConfig:
     channels_last: bool = False
     """NHWC memory format: faster convolutions on tensor-core GPUs."""
     compile: bool = False
-    """torch.compile the U-Net (in place: parameter names do not change)."""
+    """torch.compile the U-Net (in place: parameter names do not change). Static shapes: each aspect-ratio bucket
+    (and the validation/sampling shapes) gets its own graph, up to MAX_SHAPES, rather than one dynamic graph."""
     compile_mode: str | None = None
-    """torch.compile mode: null (default) | reduce-overhead | max-autotune."""
+    """torch.compile mode: null (default) | reduce-overhead (CUDA graphs: one per shape) | max-autotune
+    (autotuned kernels + CUDA graphs) | max-autotune-no-cudagraphs."""
 
     def __post_init__(self) -> None:
         if self.attention not in ATTENTION:
             raise ValueError(f"attention must be one of {', '.join(ATTENTION)}, got {self.attention!r}")
+        if self.compile_mode not in COMPILE_MODES:
+            modes = ", ".join(str(m).replace("None", "null") for m in COMPILE_MODES)
+            raise ValueError(f"compile_mode must be one of {modes}, got {self.compile_mode!r}")
 
 
 @functools.cache
@@ -80,5 +87,8 @@ def apply_runtime(unet: nn.Module, cfg: UNetRuntimeConfig) -> nn.Module:
     if cfg.channels_last:
         unet.to(memory_format=torch.channels_last)
     if cfg.compile:
-        unet.compile(mode=cfg.compile_mode)
+        from torch._dynamo import config as dynamo
+
+        dynamo.recompile_limit = max(dynamo.recompile_limit, MAX_SHAPES)
+        unet.compile(mode=cfg.compile_mode, dynamic=False)
     return unet

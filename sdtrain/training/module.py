@@ -8,6 +8,7 @@ with no generator state to carry. The global torch/numpy/python RNG states of ev
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections import Counter
 from typing import Any
@@ -15,14 +16,18 @@ from typing import Any
 import lightning as L
 import torch
 import torch.distributed as dist
+from lightning.pytorch.plugins.precision import MixedPrecision, Precision
+from lightning.pytorch.utilities.enums import GradClipAlgorithmType
 from torch import nn
 
 from sdtrain.checkpoint.format import SDTRAIN_KEY, SPEC_KEY, sdtrain_state
 from sdtrain.data.loader import Tokenizer
 from sdtrain.data.normalizer import LatentNormalizer
 from sdtrain.diffusion.objective import DiffusionObjective
-from sdtrain.errors import CheckpointError, SdtrainError
+from sdtrain.errors import CheckpointError
 from sdtrain.seeding import get_rng_state, set_rng_state, step_generator
+from sdtrain.training.log_steps import logs_this_step
+from sdtrain.training.nonfinite import NonfiniteGuard
 from sdtrain.training.optim import OptimConfig, build_optimizer
 
 log = logging.getLogger(__name__)
@@ -55,7 +60,7 @@ class LatentDiffusionModule(L.LightningModule):
         self.latent_shape = latent_shape
         self.seed = seed
         self.skipped: Counter[str] = Counter()
-        self.nonfinite_skips = 0
+        self.nonfinite = NonfiniteGuard(optim)
         self._micro = (-1, 0)  # (global step, micro-batch index within it)
         self._pending_rng: dict[str, Any] | None = None
         self.run_metadata: dict[str, Any] = {}  # saved with checkpoints (e.g. the W&B run id)
@@ -71,12 +76,11 @@ class LatentDiffusionModule(L.LightningModule):
         if "context" not in batch:
             return self.text_encoder(batch["tokens"])
         context = batch["context"]
-        if bool(batch["dropped"].any()):
-            if self._empty_context is None or self._empty_context.device != context.device:
-                self._empty_context = self.text_encoder(self.tokenizer([""]).to(context.device))
-            empty = self._empty_context.to(context.dtype)
-            context = torch.where(batch["dropped"].to(context.device)[:, None, None], empty, context)
-        return context
+        if self._empty_context is None or self._empty_context.device != context.device:
+            self._empty_context = self.text_encoder(self.tokenizer([""]).to(context.device))
+        # unconditionally: asking whether any caption dropped would be a host sync every step
+        dropped = batch["dropped"].to(context.device)[:, None, None]
+        return torch.where(dropped, self._empty_context.to(context.dtype), context)
 
     def noise_generator(self, device: torch.device) -> torch.Generator:
         step, micro = self._micro
@@ -84,6 +88,7 @@ class LatentDiffusionModule(L.LightningModule):
         return step_generator(self.seed, self.global_rank, self.global_step, self._micro[1], device)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
+        torch.compiler.cudagraph_mark_step_begin()  # compile_mode=reduce-overhead: a new step, new graph outputs
         latents = batch["latents"]
         generator = self.noise_generator(latents.device)
         noise = self.objective.sample_noise(latents, generator)
@@ -91,40 +96,48 @@ class LatentDiffusionModule(L.LightningModule):
         noisy, target = self.objective.noisy_and_target(latents, noise, timesteps)
         loss = self.objective.loss(self(noisy, timesteps, self.text_context(batch)), target, timesteps)
         self.skipped.update(batch.get("skipped") or {})
-        if self.skipped:
+        if self.skipped and logs_this_step(self.trainer):
             self.log("data/skipped", float(sum(self.skipped.values())))
-        if not self._finite_everywhere(loss):
-            return self._skip_nonfinite(loss)
-        self.log("train/loss", loss, prog_bar=True)
+        if self.nonfinite.on_device:
+            self.log("train/loss", loss)  # a device tensor: no copy, no read
+            return self.nonfinite.poison(loss)
+        if not self.nonfinite.finite_everywhere(self.trainer, loss):
+            self.nonfinite.skip_now(self.trainer, loss, self.global_step)
+            self.log("train/nonfinite_skips", float(self.nonfinite.skips))
+            return None  # Lightning skips backward and the parameter update
+        self.log("train/loss", loss)  # a device tensor: no copy, no read
         return loss
 
-    def _finite_everywhere(self, loss: torch.Tensor) -> bool:
-        finite = bool(torch.isfinite(loss).item())
-        if self.trainer.world_size > 1:  # every rank must take the same branch, or DDP's all-reduce hangs
-            finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
-        return finite
+    @property
+    def nonfinite_skips(self) -> int:
+        return self.nonfinite.skips
 
-    def _skip_nonfinite(self, loss: torch.Tensor) -> None:
-        self.nonfinite_skips += 1
-        self.log("train/nonfinite_skips", float(self.nonfinite_skips))
-        where = f"non-finite loss ({loss.item()}) at step {self.global_step} on some rank"
-        if not getattr(self.trainer.strategy, "can_skip_steps", True):
-            raise SdtrainError(f"{where}: DeepSpeed cannot skip an optimizer step; resume from the last checkpoint")
-        if self.optim.on_nonfinite_loss == "stop" or self.nonfinite_skips > self.optim.max_nonfinite_skips:
-            raise SdtrainError(
-                f"{where} (skipped {self.nonfinite_skips - 1} before; optim.on_nonfinite_loss="
-                f"{self.optim.on_nonfinite_loss}, max_nonfinite_skips={self.optim.max_nonfinite_skips})"
-            )
-        log.warning("%s: step skipped (%d so far)", where, self.nonfinite_skips)
-        return None  # Lightning skips backward and the parameter update
+    def on_train_start(self) -> None:
+        self.nonfinite.choose(self.trainer)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.nonfinite.on_device and logs_this_step(self.trainer):
+            self._read_nonfinite_count()
+
+    def on_train_end(self) -> None:
+        self.nonfinite.check(self.global_step)
+
+    def _read_nonfinite_count(self) -> None:
+        before = self.nonfinite.skips
+        if self.nonfinite.check(self.global_step) != before:
+            self.log("train/nonfinite_skips", float(self.nonfinite.skips))
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """train/grad_norm (the U-Net's total L2 norm, on the device: no host sync) and train/lr."""
-        self.log("train/lr", float(optimizer.param_groups[0]["lr"]))
+        if logs_this_step(self.trainer):
+            self.log("train/lr", float(optimizer.param_groups[0]["lr"]))
         grads = [p.grad for p in self.unet.parameters() if p.grad is not None]
         if grads:  # under DeepSpeed ZeRO the gradients live in its partitions: none to measure here
             norm = torch.nn.utils.get_total_norm(grads)
-            self.log("train/grad_norm", norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+            norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+            self.log("train/grad_norm", norm)
+            if self.nonfinite.on_device:
+                self.nonfinite.gate(optimizer, norm)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         if self._pending_rng is not None:  # after the dataloader started, right before the first resumed step
@@ -138,16 +151,35 @@ class LatentDiffusionModule(L.LightningModule):
             parallelize(self.unet)
             self._parallelized = True
 
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        # Lightning's mixed-precision plugin refuses to clip for any optimizer that could unscale gradients itself
+        # (fused AdamW), even in bf16, where nothing is scaled; clip as its base plugin does then.
+        plugin = self.trainer.precision_plugin
+        if isinstance(plugin, MixedPrecision) and plugin.scaler is None and gradient_clip_val:
+            algorithm = GradClipAlgorithmType(gradient_clip_algorithm or "norm")
+            Precision.clip_gradients(plugin, optimizer, gradient_clip_val, algorithm)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     def configure_optimizers(self) -> dict[str, Any]:
+        optim = self.optim
+        if getattr(self.trainer.precision_plugin, "scaler", None) is not None and self.trainer.gradient_clip_val:
+            optim = dataclasses.replace(optim, fused=False)  # fp16: clipping needs unscaled grads before the step
         optimizer, scheduler = build_optimizer(
             self.unet.parameters(),
-            self.optim,
+            optim,
             self.trainer.max_steps,
             cpu_adam=getattr(self.trainer.strategy, "optimizer_on_cpu", False),
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.nonfinite.check(self.global_step)  # the saved count is the true one
         # Lightning builds the checkpoint on every rank and rank 0 writes it: gather each rank's RNG state.
         states = [get_rng_state()]
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
@@ -156,7 +188,7 @@ class LatentDiffusionModule(L.LightningModule):
         checkpoint[SDTRAIN_KEY] = {
             "latent_shape": list(self.latent_shape),
             "skipped": dict(self.skipped),
-            "nonfinite_skips": self.nonfinite_skips,
+            "nonfinite_skips": self.nonfinite.skips,
             "rng": states,
             SPEC_KEY: self.spec,
             **self.run_metadata,
@@ -165,7 +197,7 @@ class LatentDiffusionModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = sdtrain_state(checkpoint)
         self.skipped = Counter(state.get("skipped", {}))
-        self.nonfinite_skips = int(state.get("nonfinite_skips", 0))
+        self.nonfinite.skips = int(state.get("nonfinite_skips", 0))
         saved = state.get("latent_shape")
         if saved is not None and tuple(saved) != tuple(self.latent_shape):
             raise CheckpointError(f"checkpoint was trained on latents {tuple(saved)}, the data has {self.latent_shape}")

@@ -24,6 +24,9 @@ class OptimConfig:
     """skip: a NaN/Inf loss skips that step (counted, logged); stop: end the run with a clear message."""
     max_nonfinite_skips: int = 100
     """Stop anyway after this many skipped steps: a run that keeps diverging is not worth continuing."""
+    fused: bool | None = None
+    """torch's fused AdamW (one kernel per step, and it skips non-finite steps on the device: training/nonfinite.py);
+    null = wherever torch has the kernel for the parameters' device and dtype (CUDA and CPU today)."""
 
     def __post_init__(self) -> None:
         if self.on_nonfinite_loss not in ("skip", "stop"):
@@ -44,6 +47,14 @@ def lr_multiplier(step: int, cfg: OptimConfig, max_steps: int) -> float:
     return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def fused_supported(params: list[torch.nn.Parameter]) -> bool:
+    """Whether torch has a fused AdamW kernel for every parameter (device type and floating dtype)."""
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+    devices = _get_fused_kernels_supported_devices()
+    return bool(params) and all(p.device.type in devices and p.is_floating_point() for p in params)
+
+
 def build_optimizer(
     params: Iterable[torch.nn.Parameter], cfg: OptimConfig, max_steps: int, cpu_adam: bool = False
 ) -> tuple[torch.optim.Optimizer, LambdaLR]:
@@ -55,7 +66,7 @@ def build_optimizer(
 
         optimizer: torch.optim.Optimizer = DeepSpeedCPUAdam(params, adamw_mode=True, **hyper)
     else:
-        fused = bool(params) and all(p.is_cuda for p in params)  # fused AdamW: one kernel per step on GPU
+        fused = fused_supported(params) if cfg.fused is None else cfg.fused
         optimizer = torch.optim.AdamW(params, fused=fused or None, **hyper)
     scheduler = LambdaLR(optimizer, lambda step: lr_multiplier(step, cfg, max_steps))
     return optimizer, scheduler

@@ -19,8 +19,16 @@ from helpers import run_train
 from sdtrain.checkpoint.files import load_full_checkpoint
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
-STRATEGIES = ["ddp", "deepspeed_zero2", "deepspeed_zero3", "deepspeed_zero3_offload", "fsdp"]
-SHARDED = {"deepspeed_zero2": "deepspeed", "deepspeed_zero3": "deepspeed", "deepspeed_zero3_offload": "deepspeed"}
+STRATEGIES = [
+    "ddp",
+    "deepspeed_zero1",
+    "deepspeed_zero2",
+    "deepspeed_zero2_offload",
+    "deepspeed_zero3",
+    "deepspeed_zero3_offload",
+    "fsdp",
+]
+SHARDED = {s for s in STRATEGIES if s.startswith("deepspeed")}
 COMMON = [
     "trainer.devices=2",
     "trainer.max_steps=6",

@@ -1,4 +1,5 @@
-"""A run killed with SIGKILL and resumed equals the uninterrupted run, bit for bit."""
+"""A run killed with SIGKILL and resumed equals the uninterrupted run, bit for bit: fp32, bf16-mixed (with gradient
+accumulation, so the on-device NaN gate spans micro-batches) and 2-process DDP."""
 
 import os
 import random
@@ -65,7 +66,9 @@ def _assert_identical(a, b):
     "extra",
     [
         pytest.param([], id="1-process"),
-        pytest.param(["trainer.accumulate_grad_batches=2"], id="1-process-accumulate"),
+        pytest.param(
+            ["trainer.accumulate_grad_batches=2", "trainer.precision=bf16-mixed"], id="1-process-bf16-accumulate"
+        ),
         pytest.param(["strategy=ddp", "trainer.devices=2"], id="2-process-ddp", marks=pytest.mark.distributed),
     ],
 )
@@ -77,5 +80,12 @@ def test_sigkill_and_resume_is_bitwise_identical(tmp_path, dataset, extra):
     assert 3 <= killed_at < STEPS
     resumed = run_train(tmp_path / "b", *overrides, "resume=auto", timeout=400)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"global step {killed_at}" in resumed.stdout + resumed.stderr
+    log = resumed.stdout + resumed.stderr
+    assert f"global step {killed_at}" in log and "Restored all states from the checkpoint" in log
+    assert f"data stream resumes after {killed_at * _accumulation(extra)} batches of this rank" in log
+    assert (tmp_path / "b" / "logs" / "version_1").is_dir()  # the resumed run keeps the first run's metrics
     _assert_identical(_ckpt(tmp_path / "a"), _ckpt(tmp_path / "b"))
+
+
+def _accumulation(extra):
+    return next((int(o.split("=")[1]) for o in extra if o.startswith("trainer.accumulate_grad_batches=")), 1)

@@ -49,6 +49,18 @@ def test_switches_reach_the_unet():
     assert not _unet()._compiled_call_impl
 
 
+def test_compile_is_static_per_shape_and_modes_are_checked(monkeypatch):
+    from torch._dynamo import config as dynamo
+
+    asked = {}
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kwargs: asked.update(kwargs))
+    _unet(compile=True, compile_mode="reduce-overhead")
+    assert asked == {"mode": "reduce-overhead", "dynamic": False}  # one graph per bucket shape, not a dynamic one
+    assert dynamo.recompile_limit >= 64  # enough graphs for every bucket (torch's default is 8)
+    with pytest.raises(ValueError, match="compile_mode must be one of null, default, reduce-overhead"):
+        UNetRuntimeConfig(compile_mode="fastest")
+
+
 @pytest.mark.skipif(xformers_problem() is None, reason="xformers runs here")
 def test_xformers_where_it_cannot_run():
     with pytest.raises(ConfigError, match="model.attention=xformers: .*use model.attention=sdpa or auto"):

@@ -49,10 +49,33 @@ class ProgressConfig:
 
 
 class StepProgressBar(RichProgressBar):
-    """Lightning's rich bar, titled by steps: the stream is endless (max_epochs=-1), so "Epoch 0/-2" meant nothing."""
+    """Lightning's rich bar, titled by steps: the stream is endless (max_epochs=-1), so "Epoch 0/-2" meant nothing.
+    It shows the last loss and the throughput window's img/s itself: the training step logs nothing with
+    prog_bar=True, which would read a device value back every step for every run, bar or not. (The bar is for
+    interactive terminals; it reads the loss once per refresh.)"""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._loss: torch.Tensor | None = None
 
     def _get_train_description(self, current_epoch: int) -> str:
         return f"Training (max {self.trainer.max_steps} steps)"
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        self._loss = loss.detach() if isinstance(loss, torch.Tensor) else self._loss
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        metrics = super().get_metrics(trainer, pl_module)
+        if self._loss is not None:
+            metrics["loss"] = f"{self._loss.item():.4f}"
+        rate = next((c.images_per_s for c in trainer.callbacks if hasattr(c, "images_per_s")), None)
+        if rate is not None:
+            metrics["img/s"] = f"{rate:,.1f}"
+        return metrics
 
 
 def _clock(seconds: float) -> str:

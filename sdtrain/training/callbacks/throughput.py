@@ -1,8 +1,10 @@
-"""Images/s, step-time breakdown (data wait vs compute), achieved TFLOP/s and MFU, logged every step.
+"""Images/s, step-time breakdown (data wait vs compute), achieved TFLOP/s and MFU, over each logging window.
 
 data wait = host time from the end of one step to the start of the next (waiting on the DataLoader plus
-Lightning's own bookkeeping); compute = the step itself (forward, backward, optimizer, callbacks). On a GPU the
-step is only measured end to end once the host blocks on the device (the loss logged each step does that).
+Lightning's own bookkeeping); compute = the rest. The figures are taken over the steps since the last logging
+step (`trainer.log_every_n_steps`), not per step: the hot path has no host sync, so on a GPU the host runs ahead
+of the device and a single step's wall time says little, while a window ending where Lightning reads the logged
+values (a sync) measures what the device did. Python numbers are handed to `self.log` only on those steps.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Any
 import lightning as L
 import torch
 
+from sdtrain.training.log_steps import logs_this_step
 from sdtrain.training.metrics import mfu, peak_flops, training_flops_per_image
 
 
@@ -21,8 +24,10 @@ class ThroughputCallback(L.Callback):
         self.peak_flops_override = peak_flops_override
         self.flops_per_image = 0
         self.peak: float | None = None
-        self._batch_start: float | None = None
-        self._last_end: float | None = None
+        self._window_start: float | None = None
+        self._last_end = self._wait = 0.0
+        self._images = self._steps = 0
+        self.images_per_s: float | None = None  # the last window's rate (the progress bar shows it)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.flops_per_image = training_flops_per_image(
@@ -32,35 +37,41 @@ class ThroughputCallback(L.Callback):
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
         self.peak = peak_flops(name, str(trainer.precision), self.peak_flops_override)
 
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._window_start, self._images, self._steps, self._wait = None, 0, 0, 0.0
+
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, i: int) -> None:
-        self._batch_start = time.perf_counter()
+        now = time.perf_counter()
+        if self._window_start is not None:
+            self._wait += now - self._last_end
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         now = time.perf_counter()
-        if self._batch_start is None:
-            return
-        compute = now - self._batch_start
-        wait = self._batch_start - self._last_end if self._last_end is not None else None
         self._last_end = now
-        if wait is None:  # the first step includes start-up (worker spawn, first batch); not representative
+        if self._window_start is None:  # the first step includes start-up (worker spawn, first batch)
+            self._window_start = now
             return
-        step = compute + wait
-        per_rank = batch["latents"].shape[0] / step
+        self._images += batch["latents"].shape[0]
+        self._steps += 1
+        if logs_this_step(trainer):
+            self._log_window(trainer, pl_module, now)
+
+    def _log_window(self, trainer: L.Trainer, pl_module: L.LightningModule, now: float) -> None:
+        elapsed = max(now - self._window_start, 1e-9)
+        per_rank = self._images / elapsed
         achieved = self.flops_per_image * per_rank
         metrics = {
             "perf/images_per_s": per_rank * trainer.world_size,
             "perf/images_per_s_per_rank": per_rank,
-            "perf/step_time_s": step,
-            "perf/data_wait_s": wait,
-            "perf/data_wait_fraction": wait / step,
+            "perf/data_wait_fraction": self._wait / elapsed,
             "perf/tflops_per_s_per_rank": achieved / 1e12,
         }
+        metrics["perf/step_time_s"] = elapsed / max(self._steps, 1)
         utilisation = mfu(self.flops_per_image, per_rank, self.peak)
         if utilisation is not None:
             metrics["perf/mfu"] = utilisation
         pl_module.log_dict(metrics)
-        pl_module.log("img/s", metrics["perf/images_per_s"], prog_bar=True, logger=False)
-        if utilisation is not None:
-            pl_module.log("mfu", utilisation, prog_bar=True, logger=False)
+        self.images_per_s = metrics["perf/images_per_s"]
+        self._window_start, self._images, self._steps, self._wait = now, 0, 0, 0.0
