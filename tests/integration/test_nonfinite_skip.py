@@ -28,20 +28,26 @@ class Recorder(L.Callback):
         self.weights.append(pl_module.unet.conv_in.weight.detach().clone())
 
 
+def _cpu_trainer(max_steps: int, callbacks: list, **kwargs) -> L.Trainer:
+    """A quiet one-process CPU trainer (no logger, checkpoints, bar or summary)."""
+    return L.Trainer(
+        accelerator="cpu",
+        max_steps=max_steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+        **kwargs,
+    )
+
+
 def test_nan_batch_is_skipped_and_counted():
     batches = _batches(4)
     batches[1]["latents"][0, 0, 0, 0] = float("nan")
     module = tiny_module(DiffusionConfig(), OptimConfig(lr=1e-3, warmup_steps=0))
     recorder = Recorder()
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=4,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[recorder],
-    )
+    trainer = _cpu_trainer(4, [recorder])
     trainer.fit(module, DataLoader(batches, batch_size=None))
     assert module.nonfinite_skips == 1
     assert torch.equal(recorder.weights[0], recorder.weights[1])  # the NaN step changed nothing
@@ -62,16 +68,7 @@ def _fit_with_a_nan_step(on_device: bool, monkeypatch):
     batches[1]["latents"][0, 0, 0, 0] = float("nan")
     module = tiny_module(DiffusionConfig(), OptimConfig(lr=1e-3, warmup_steps=3, schedule="cosine"))
     ema = EMACallback(EMAConfig(decay=0.5, warmup=0))
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=5,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[ema],
-        gradient_clip_val=1.0,
-    )
+    trainer = _cpu_trainer(5, [ema], gradient_clip_val=1.0)
     trainer.fit(module, DataLoader(batches, batch_size=None))
     optimizer = trainer.optimizers[0]
     return {

@@ -65,10 +65,10 @@ class ThroughputCallback(L.Callback):
         metrics = {
             "perf/images_per_s": per_rank * trainer.world_size,
             "perf/images_per_s_per_rank": per_rank,
+            "perf/step_time_s": elapsed / max(self._steps, 1),
             "perf/data_wait_fraction": self._wait / elapsed,
             "perf/tflops_per_s_per_rank": achieved / 1e12,
         }
-        metrics["perf/step_time_s"] = elapsed / max(self._steps, 1)
         utilisation = mfu(self.flops_per_image, per_rank, self.peak)
         if utilisation is not None:
             metrics["perf/mfu"] = utilisation
