@@ -34,6 +34,48 @@ def run_train(run_dir: Path, *overrides: str, timeout: int = 600, env: dict | No
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=full_env)
 
 
+# Runs sdtrain-train once per case in ONE fresh process (the imports, ~8 s, paid once), each with its own
+# stderr file at the file-descriptor level: what a user would see on the terminal for that command line.
+_CASES_DRIVER = r"""
+import json, os, sys
+from hydra.core.global_hydra import GlobalHydra
+from sdtrain.launch.train import main
+cases, out = json.loads(sys.argv[1]), sys.argv[2]
+results = {}
+for name, argv in cases.items():
+    err = os.path.join(out, name + ".stderr")
+    sys.stderr.flush()
+    saved, fd = os.dup(2), os.open(err, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    os.dup2(fd, 2)
+    sys.argv = ["sdtrain-train", *argv]
+    code = 0
+    try:
+        main()
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    except BaseException as exc:  # a crash is a result too: the test reports it
+        import traceback; traceback.print_exc(); code = 99
+    finally:
+        sys.stderr.flush(); os.dup2(saved, 2); os.close(fd); os.close(saved)
+        GlobalHydra.instance().clear()
+    results[name] = {"returncode": code, "stderr": open(err, encoding="utf-8", errors="replace").read()}
+json.dump(results, open(os.path.join(out, "results.json"), "w"))
+"""
+
+
+def run_train_cases(work: Path, cases: dict[str, list[str]], timeout: int = 600) -> dict[str, dict]:
+    """{case: {"returncode", "stderr"}} for `sdtrain-train experiment=tiny ARGS` per case, all in one process
+    (each case gets hydra.run.dir=WORK/NAME)."""
+    import json
+
+    work.mkdir(parents=True, exist_ok=True)
+    argvs = {n: ["experiment=tiny", f"hydra.run.dir={work / n}", *args] for n, args in cases.items()}
+    cmd = [sys.executable, "-c", _CASES_DRIVER, json.dumps(argvs), str(work)]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads((work / "results.json").read_text())
+
+
 def plain_diffusers_classes(folder: str, cwd: Path) -> list[str]:
     """Load `folder` with plain diffusers in a fresh process with no sdtrain import; its text encoder and
     tokenizer classes (the folder is complete when this works)."""

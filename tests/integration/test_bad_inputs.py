@@ -4,7 +4,7 @@ import tarfile
 
 import numpy as np
 import pytest
-from helpers import run_train
+from helpers import run_train, run_train_cases
 
 pytestmark = pytest.mark.slow
 
@@ -54,26 +54,31 @@ CASES = {
 }
 
 
+@pytest.fixture(scope="module")
+def results(tmp_path_factory, dataset) -> dict[str, dict]:
+    """Every case's exit code and stderr, from one process that runs the CLI once per case."""
+    work = tmp_path_factory.mktemp("bad_inputs")
+    shard = _no_caption_dataset(work / "no_caption")
+    argvs = {"missing_caption": [f"data.shards={shard}", "trainer.max_steps=2"]}
+    for case, (overrides, _) in CASES.items():
+        args = [] if any(o.startswith("data.shards") for o in overrides) else [f"data.shards={dataset}"]
+        argvs[case] = [*args, *overrides] + ([] if case == "max_steps" else ["trainer.max_steps=2"])
+    return run_train_cases(work / "runs", argvs)
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_bad_input_gives_one_clear_line(tmp_path, dataset, case):
-    overrides, message = CASES[case]
-    args = [] if any(o.startswith("data.shards") for o in overrides) else [f"data.shards={dataset}"]
-    result = (
-        run_train(tmp_path / "run", *args, *overrides, "trainer.max_steps=2", timeout=120)
-        if case != "max_steps"
-        else run_train(tmp_path / "run", *args, *overrides, timeout=120)
-    )
-    assert result.returncode == 2
-    assert "Traceback" not in result.stderr
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: ") and message in last, result.stderr[-2000:]
+def test_bad_input_gives_one_clear_line(results, case):
+    result, message = results[case], CASES[case][1]
+    assert result["returncode"] == 2, result["stderr"][-2000:]
+    assert "Traceback" not in result["stderr"]
+    last = result["stderr"].strip().splitlines()[-1]
+    assert last.startswith("error: ") and message in last, result["stderr"][-2000:]
 
 
-def test_missing_caption_names_the_shard_and_sample(tmp_path):
-    shard = _no_caption_dataset(tmp_path / "data")
-    result = run_train(tmp_path / "run", f"data.shards={shard}", "trainer.max_steps=2", timeout=120)
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    last = result.stderr.strip().splitlines()[-1]
+def test_missing_caption_names_the_shard_and_sample(results):
+    result = results["missing_caption"]
+    assert result["returncode"] == 2 and "Traceback" not in result["stderr"]
+    last = result["stderr"].strip().splitlines()[-1]
     assert last.startswith("error: shard ") and "sample '0001': missing_caption" in last
 
 
