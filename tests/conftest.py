@@ -47,6 +47,27 @@ def trained_run(tmp_path_factory, dataset, val_dataset) -> Path:
     return run
 
 
+@pytest.fixture(scope="session")
+def vae_dir(tmp_path_factory) -> str:
+    """A tiny VAE trained for 300 steps on real emoji (32 px), saved as a diffusers folder."""
+    from sdtrain.demo.emoji_images import emoji_pairs, load_pixels
+    from sdtrain.demo.vae_training import VAETrainConfig, train_vae
+
+    pixels = load_pixels(emoji_pairs()[1::3][:600], 32)
+    vae, _ = train_vae(pixels, VAETrainConfig(max_seconds=600, max_steps=300))
+    folder = tmp_path_factory.mktemp("vae") / "vae"
+    vae.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def raw_tars(tmp_path_factory) -> list[Path]:
+    """96 captioned emoji in 6 img2dataset-style tars of 16 (6 encode parts)."""
+    from helpers import emoji_raw_tars
+
+    return emoji_raw_tars(tmp_path_factory.mktemp("raw"), count=96, per_tar=16)
+
+
 def pytest_collection_modifyitems(config, items):
     """`gpu` tests need a CUDA device: skipped (with the reason) where there is none."""
     if torch.cuda.is_available():

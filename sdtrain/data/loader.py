@@ -25,6 +25,7 @@ from sdtrain.data.partition import EpochPlan, SlotPlan, consumed_per_worker, pla
 from sdtrain.data.samples import (
     LatentField,
     SampleError,
+    checked_inpainting,
     checked_latent,
     decode_caption,
     decode_text,
@@ -80,12 +81,14 @@ class Pending(NamedTuple):
     caption: str
     key: str
     text: np.ndarray | None
+    inpaint: tuple[np.ndarray, np.ndarray] | None = None  # (K masks, K masked-image moments)
 
 
 class LatentStream(IterableDataset):
     """Yields dict batches forever: latents (B,C,h,w) float32, tokens (B,L) int64 (or with data.text_embeddings:
     context (B,L,D) float32 + dropped (B,) bool), keys (sample keys), skipped ({reason: count} of samples dropped
-    since the previous batch of this worker). A batch holds one latent shape (aspect buckets)."""
+    since the previous batch of this worker); with `inpainting`, also mask (B,1,h,w) float32 and masked_latents
+    (B,C,h,w), normalised. A batch holds one latent shape (aspect buckets)."""
 
     def __init__(
         self,
@@ -99,8 +102,10 @@ class LatentStream(IterableDataset):
         world_size: int = 1,
         seed: int = 0,
         start_batch: int = 0,
+        inpainting: bool = False,
     ) -> None:
         self.shard_set = shard_set
+        self.inpainting = inpainting
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.latent_channels = latent_channels
@@ -157,13 +162,14 @@ class LatentStream(IterableDataset):
                 latent = checked_latent(raw, field, self.latent_channels)
                 caption = decode_caption(raw)
                 text = decode_text(raw) if self.cfg.text_embeddings else None
+                inpaint = checked_inpainting(raw, latent.shape) if self.inpainting else None
             except SampleError as exc:
                 if emitted >= skip_batches:  # replayed skips were counted and logged by the first run
                     self.skipped[exc.reason] += 1
                     self._check_skip_rate(reads, raw, exc)
                 continue
             group = groups[(field.kind, latent.shape)]
-            group.append(Pending(latent, caption, raw["__key__"], text))
+            group.append(Pending(latent, caption, raw["__key__"], text, inpaint))
             if len(group) == self.cfg.batch_size:
                 groups[(field.kind, latent.shape)] = []
                 emitted += 1
@@ -190,7 +196,18 @@ class LatentStream(IterableDataset):
             out["dropped"] = torch.from_numpy(dropped)
         else:
             out["tokens"] = self.tokenizer(["" if d else p.caption for p, d in zip(batch, dropped, strict=True)])
+        if self.inpainting:  # drawn after everything above: a text-to-image run's draws stay as they were
+            out.update(self._inpainting_inputs(batch, generator))
         return out
+
+    def _inpainting_inputs(self, batch: list[Pending], generator: torch.Generator) -> dict[str, Any]:
+        """One of each sample's K stored masks (seeded pick), and a posterior sample of its masked image."""
+        picks = torch.rand(len(batch), generator=generator) * torch.tensor([len(p.inpaint[0]) for p in batch])
+        picks = picks.long().tolist()
+        masks = np.stack([p.inpaint[0][k] for p, k in zip(batch, picks, strict=True)])[:, None]
+        moments = np.stack([p.inpaint[1][k] for p, k in zip(batch, picks, strict=True)])
+        masked = self.normalizer.normalize_(posterior_sample(moments, "moments", generator))
+        return {"mask": torch.from_numpy(masks.astype(np.float32)), "masked_latents": masked}
 
     def _one_pass(self, slot_plan: SlotPlan) -> Iterator[dict[str, Any]]:
         """The slot's own samples, once, in reading order (the parts of shards the epoch plan gave it)."""

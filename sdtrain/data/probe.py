@@ -12,7 +12,14 @@ from typing import Any
 
 from sdtrain.data.loader import LatentDataConfig
 from sdtrain.data.normalizer import LatentNormalizer
-from sdtrain.data.samples import LatentField, SampleError, decode_caption, decode_latent
+from sdtrain.data.samples import (
+    LatentField,
+    SampleError,
+    checked_inpainting,
+    checked_latent,
+    decode_caption,
+    posterior_sample,
+)
 from sdtrain.data.shards import ShardSet, iter_raw_samples, resolve_shards
 from sdtrain.errors import DataError
 from sdtrain.seeding import seeded_generator
@@ -25,8 +32,11 @@ class ProbedData:
     normalizer: LatentNormalizer
 
 
-def probe_dataset(shard_set: ShardSet, cfg: LatentDataConfig, latent_channels: int) -> tuple[int, ...]:
-    """Check the first sample before training starts; returns the latent shape (C, h, w)."""
+def probe_dataset(
+    shard_set: ShardSet, cfg: LatentDataConfig, latent_channels: int, inpainting: bool = False
+) -> tuple[int, ...]:
+    """Check the first sample before training starts (with `inpainting`, its masks and masked-image moments
+    too); returns the latent shape (C, h, w)."""
     url = shard_set.shards[0].url
     problems: list[str] = []
     raw = next(iter(iter_raw_samples(url, problems.append)), None)
@@ -36,10 +46,20 @@ def probe_dataset(shard_set: ShardSet, cfg: LatentDataConfig, latent_channels: i
     try:
         field = LatentField.detect(raw, cfg.latent_key)
         decode_caption(raw)
-        latent = decode_latent(raw, field, latent_channels, seeded_generator(0))
+        stored = checked_latent(raw, field, latent_channels)
+        latent = posterior_sample(stored, field.kind, seeded_generator(0))
+        if inpainting:
+            checked_inpainting(raw, stored.shape)
     except SampleError as exc:
         if exc.reason == "wrong_channels":
-            raise DataError(f"{where}: {exc} (model.unet.in_channels); wrong dataset or model size?") from None
+            # an odd channel count is the inpainting layout (2C + 1: latents + mask + masked-image latents)
+            odd = latent_channels % 2 and not inpainting
+            hint = " or an inpainting U-Net (set diffusion.inpainting=true)" if odd else ""
+            raise DataError(f"{where}: {exc} (model.unet.in_channels); wrong dataset or model size{hint}?") from None
+        if exc.reason == "missing_inpaint":
+            raise DataError(
+                f"{where}: {exc}: diffusion.inpainting=true needs shards from sdtrain-encode --inpainting-masks K"
+            ) from None
         raise DataError(f"{where}: {exc}") from None
     return tuple(latent.shape)
 
@@ -75,12 +95,17 @@ def check_vae(manifest: dict[str, Any], encoder_sha256: str | None) -> None:
 
 
 def probe(
-    cfg: LatentDataConfig, *, latent_channels: int, text_config: Any, vae_encoder_sha256: str | None = None
+    cfg: LatentDataConfig,
+    *,
+    latent_channels: int,
+    text_config: Any,
+    vae_encoder_sha256: str | None = None,
+    inpainting: bool = False,
 ) -> ProbedData:
     """The training set resolved and checked: shards, latent shape of its first sample, VAE, normalisation."""
     shard_set = resolve_shards(cfg.shards)
     check_vae(shard_set.manifest, vae_encoder_sha256)
-    latent_shape = probe_dataset(shard_set, cfg, latent_channels)
+    latent_shape = probe_dataset(shard_set, cfg, latent_channels, inpainting)
     if cfg.text_embeddings:
         check_text_embeddings(shard_set.manifest, text_config)
     normalizer = LatentNormalizer.resolve(cfg.scaling_factor, cfg.shift_factor, shard_set.manifest)

@@ -15,6 +15,10 @@ import torch
 
 # Extensions that may hold latents, and what they hold. `npy` is the MLPerf SD v2 reference's name for moments.
 LATENT_EXTENSIONS = {"moments.npy": "moments", "latent.npy": "latent", "npy": "moments"}
+# Inpainting members (sdtrain-encode --inpainting-masks, prep/inpaint_masks.py): K masks at latent size, uint8
+# (K, h, w), 1 = repaint; and the VAE moments of each masked image (K, 2C, h, w), unscaled.
+MASKS_MEMBER = "inpaint_masks.npy"
+MOMENTS_MEMBER = "inpaint_moments.npy"
 # Same clamp as diffusers' DiagonalGaussianDistribution, so a posterior sample matches the VAE's own.
 LOGVAR_RANGE = (-30.0, 20.0)
 
@@ -144,3 +148,24 @@ def decode_text(sample: dict[str, Any]) -> np.ndarray:
     if text.ndim != 2 or text.dtype not in (np.float16, np.float32) or not np.isfinite(text).all():
         raise SampleError("bad_text_npy", f"text.npy must be finite float (L, D), got {text.dtype} {text.shape}")
     return text
+
+
+def checked_inpainting(sample: dict[str, Any], moments_shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """An inpainting sample's K masks (K, h, w) and masked-image moments (K, 2C, h, w), checked against the
+    sample's own moments shape (2C, h, w) (members written by sdtrain-encode --inpainting-masks)."""
+    if MASKS_MEMBER not in sample or MOMENTS_MEMBER not in sample:
+        raise SampleError("missing_inpaint", f"sample has no {MASKS_MEMBER}/{MOMENTS_MEMBER}")
+    try:
+        masks = np.load(io.BytesIO(sample[MASKS_MEMBER]), allow_pickle=False)
+        moments = np.load(io.BytesIO(sample[MOMENTS_MEMBER]), allow_pickle=False)
+    except Exception as exc:  # noqa: BLE001 - np.load raises many types for garbage input
+        raise SampleError("bad_inpaint", f"cannot parse inpainting members: {exc}") from None
+    k = masks.shape[0] if masks.ndim == 3 else 0
+    if k == 0 or moments.shape != (k, *moments_shape) or masks.shape[1:] != tuple(moments_shape[1:]):
+        raise SampleError(
+            "bad_inpaint",
+            f"inpainting masks {masks.shape} / moments {moments.shape} do not fit moments {moments_shape}",
+        )
+    if moments.dtype not in (np.float16, np.float32) or not np.isfinite(moments).all():
+        raise SampleError("bad_inpaint", "inpainting moments must be finite float16/float32")
+    return masks, moments

@@ -29,19 +29,35 @@ class DiffusionConfig:
     """Weight the loss by min(SNR, gamma)/SNR (eps) or min(SNR, gamma)/(SNR+1) (v); 5.0 is the paper's value."""
     offset_noise: float = 0.0
     """Std of a per-(sample, channel) constant added to the noise; 0.05-0.1 helps very dark/bright images."""
+    zero_terminal_snr: bool = False
+    """Rescale the betas so the last timestep is pure noise (Lin et al. 2024, diffusers' rescale_betas_zero_snr);
+    samplers then start there (trailing timestep spacing). Needs v_prediction: epsilon is undefined at SNR 0."""
+    inpainting: bool = False
+    """Train the SD inpainting layout: U-Net input = noisy latents + mask + masked-image latents (2C + 1
+    channels); the shards need sdtrain-encode --inpainting-masks."""
 
     def __post_init__(self) -> None:
         if self.prediction_type not in ("epsilon", "v_prediction"):
             raise ValueError(f"prediction_type must be epsilon or v_prediction, got {self.prediction_type!r}")
+        if self.zero_terminal_snr and self.prediction_type != "v_prediction":
+            raise ValueError(
+                "zero_terminal_snr=true needs prediction_type=v_prediction (epsilon is undefined at SNR 0)"
+            )
 
-    def with_schedule_of(self, scheduler: dict) -> DiffusionConfig:
+    def with_schedule_of(self, scheduler: dict, *, inpainting: bool = False) -> DiffusionConfig:
         """A released model's schedule (its scheduler_config.json) for each key still at the default here: a key
-        set to something else (diffusion.prediction_type=..., diffusion=v_prediction) is the user's choice."""
+        set to something else (diffusion.prediction_type=..., diffusion=v_prediction) is the user's choice. An
+        inpainting release (`inpainting`) trains as one."""
         defaults = DiffusionConfig()
+        released = {
+            **scheduler,
+            "zero_terminal_snr": bool(scheduler.get("rescale_betas_zero_snr")),
+            "inpainting": inpainting,
+        }
         changes = {
-            k: scheduler[k]
-            for k in SCHEDULE_KEYS
-            if k in scheduler and getattr(self, k) == getattr(defaults, k) != scheduler[k]
+            k: released[k]
+            for k in (*SCHEDULE_KEYS, "zero_terminal_snr", "inpainting")
+            if k in released and getattr(self, k) == getattr(defaults, k) != released[k]
         }
         if changes:
             log.info("diffusion: from the pretrained scheduler: %s", changes)
@@ -55,6 +71,7 @@ class DiffusionConfig:
             "beta_end": self.beta_end,
             "prediction_type": self.prediction_type,
             "clip_sample": False,
+            **({"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"} if self.zero_terminal_snr else {}),
         }
 
 

@@ -6,7 +6,8 @@
                                             (models/clip_layout.py), with a CLIPTokenizer padding with "!"
     OUT/text_encoder_unused.safetensors     OpenCLIP tensors the conditioning never uses (the last block when
                                             it takes the penultimate one), so importing gives the whole tower
-    OUT/model_index.json                    StableDiffusionPipeline: plain diffusers loads and runs the folder
+    OUT/model_index.json                    StableDiffusionPipeline (StableDiffusionInpaintPipeline for an
+                                            inpainting model): plain diffusers loads and runs the folder
     OUT/unet.ldm.safetensors                the U-Net under original SD names (single-file tools)
     OUT/sdtrain.json                        step, which weights, latent normalisation, text-encoder reference
 
@@ -22,6 +23,7 @@ import json
 import os
 from typing import Any
 
+import diffusers
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from safetensors.torch import load_file, save_file
@@ -72,7 +74,7 @@ def export_diffusers(model: TrainedModel, out: str, *, sampler: str = "ddim", si
     if single_file:  # what StableDiffusionPipeline.from_single_file(FILE, config=OUT) loads
         everything = {**ldm, **vae_to_ldm(vae.state_dict(), dict(vae.config)), **text_ldm}
         save_file({k: v.contiguous() for k, v in everything.items()}, single_file)
-    _write_json(os.path.join(out, "model_index.json"), _model_index(sampler, text_parts))
+    _write_json(os.path.join(out, "model_index.json"), _model_index(sampler, text_parts, model.diffusion.inpainting))
     _write_json(
         os.path.join(out, "sdtrain.json"),
         {
@@ -115,10 +117,11 @@ def _save_text_encoder(model: TrainedModel, out: str) -> dict[str, list[str | No
     }
 
 
-def _model_index(sampler: str, text_parts: dict[str, list[str | None]]) -> dict[str, Any]:
+def _model_index(sampler: str, text_parts: dict[str, list[str | None]], inpainting: bool) -> dict[str, Any]:
     scheduler = type(build_scheduler(sampler, {})).__name__
     return {
-        "_class_name": "StableDiffusionPipeline",
+        "_class_name": "StableDiffusionInpaintPipeline" if inpainting else "StableDiffusionPipeline",
+        "_diffusers_version": diffusers.__version__,  # as save_pretrained writes (diffusers' loaders read it)
         "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"],
         "scheduler": ["diffusers", scheduler],

@@ -43,9 +43,9 @@ from sdtrain.launch.loggers import build_loggers
 from sdtrain.launch.slurm import log_placement
 from sdtrain.launch.startup import quiet_known_noise, start_header
 from sdtrain.launch.strategy import build_strategy
-from sdtrain.models.builder import ModelConfig, build_model
+from sdtrain.models.builder import ModelConfig, ModelParts, build_model
 from sdtrain.models.diffusers_parts import encoder_fingerprint
-from sdtrain.models.pipeline_folder import scheduler_config
+from sdtrain.models.pipeline_folder import is_inpainting_folder, scheduler_config
 from sdtrain.models.single_file import pipeline_folder
 from sdtrain.seeding import seed_everything
 from sdtrain.training.callbacks.build import CallbacksConfig, build_callbacks
@@ -64,17 +64,19 @@ def build_module(cfg: DictConfig, data: LatentDataConfig) -> tuple[LatentDiffusi
             "does not feed yet; use model=tiny|sd15|sd2"
         )
     parts = build_model(model, read=read_weights)  # sdtrain checkpoints are valid `pretrained` files too
-    channels = parts.unet.config.in_channels
+    diffusion = to_object(cfg.diffusion, "diffusion", DiffusionConfig)
+    if model.pretrained:  # the released model's schedule, for every diffusion.* key left at its default
+        folder = pipeline_folder(model)
+        diffusion = diffusion.with_schedule_of(scheduler_config(folder), inpainting=is_inpainting_folder(folder))
+    channels = latent_channels(parts, diffusion)
     probed = probe(
         data,
         latent_channels=channels,
         text_config=parts.text_config,
         # a VAE from weights must be the one that made the latents; a random one (tests) only decodes grids
         vae_encoder_sha256=encoder_fingerprint(parts.vae) if model.pretrained or model.vae.pretrained else None,
+        inpainting=diffusion.inpainting,
     )
-    diffusion = to_object(cfg.diffusion, "diffusion", DiffusionConfig)
-    if model.pretrained:  # the released model's schedule, for every diffusion.* key left at its default
-        diffusion = diffusion.with_schedule_of(scheduler_config(pipeline_folder(model)))
     module = LatentDiffusionModule(
         unet=parts.unet,
         text_encoder=parts.text_encoder,
@@ -100,8 +102,22 @@ def build_module(cfg: DictConfig, data: LatentDataConfig) -> tuple[LatentDiffusi
         latent_channels=channels,
         normalizer=probed.normalizer,
         seed=cfg.seed,
+        inpainting=diffusion.inpainting,
     )
     return module, LatentDataModule(stream), probed.shard_set
+
+
+def latent_channels(parts: ModelParts, diffusion: DiffusionConfig) -> int:
+    """The data's latent channels for this U-Net: its input channels, or C of the inpainting layout's 2C + 1."""
+    unet_in, vae_channels = parts.unet.config.in_channels, parts.vae.config.latent_channels
+    if not diffusion.inpainting:
+        return unet_in
+    if unet_in != 2 * vae_channels + 1:
+        raise ConfigError(
+            f"diffusion.inpainting=true needs a U-Net with {2 * vae_channels + 1} input channels (latents + mask + "
+            f"masked-image latents: model.unet.config.in_channels={2 * vae_channels + 1}); this one has {unet_in}"
+        )
+    return vae_channels
 
 
 def run(cfg: DictConfig, run_dir: str) -> L.Trainer:

@@ -18,7 +18,7 @@ from typing import Any
 from sdtrain.errors import ConfigError
 from sdtrain.models.single_file import pipeline_folder
 
-PIPELINES = ("StableDiffusionPipeline",)  # SD 1.x / 2.x layouts
+PIPELINES = ("StableDiffusionPipeline", "StableDiffusionInpaintPipeline")  # SD 1.x / 2.x layouts
 PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
 
@@ -86,6 +86,11 @@ def architecture(cfg: Any) -> tuple[Any, dict[str, Any] | None]:
     name = text_model_class(config).__name__  # the class training loads it as (models/hf_text.py)
     described = {"config": {"class": name, **config.to_dict()}, "tokenizer_files": tokenizer_files(text)}
     return cfg, described
+
+
+def is_inpainting_folder(path: str) -> bool:
+    """Whether the pipeline folder is an SD inpainting model (its U-Net takes latents + mask + masked image)."""
+    return read_model_index(path).get("_class_name") == "StableDiffusionInpaintPipeline"
 
 
 def scheduler_config(path: str) -> dict[str, Any]:

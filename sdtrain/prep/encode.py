@@ -29,6 +29,7 @@ from sdtrain.data.shards import MANIFEST_NAME
 from sdtrain.errors import ConfigError, DataError
 from sdtrain.prep.filters import FilterConfig, rejection
 from sdtrain.prep.images import decode_image, nearest_bucket, resize_and_crop
+from sdtrain.prep.inpaint_masks import MASKS_MEMBER, MOMENTS_MEMBER, draw_mask, latent_mask, mask_rng
 from sdtrain.prep.shard_writer import LatentSample, ShardSink, manifest, write_json_atomic
 from sdtrain.prep.sources import InputPart, RawSample, iter_part, plan_parts
 from sdtrain.seeding import crop_rng
@@ -63,10 +64,14 @@ class EncodeConfig:
     filters: FilterConfig = field(default_factory=FilterConfig)
     min_image_size: int = 8
     """Images with a side below this are skipped as `too_small` (never upscaled from nothing)."""
+    inpainting_masks: int = 0
+    """K > 0: also K random masks per sample and their masked images' moments (prep/inpaint_masks.py)."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank must be in [0, world_size), got rank {self.rank} of {self.world_size}")
+        if not 0 <= self.inpainting_masks <= 16:
+            raise ValueError(f"inpainting_masks must be in [0, 16], got {self.inpainting_masks}")
         if self.dtype not in ("float16", "float32"):
             raise ValueError(f"dtype must be float16 or float32, got {self.dtype!r}")
         for bucket in self.buckets or []:
@@ -115,6 +120,27 @@ class Encoder:
     def moments(self, pixels: list[np.ndarray]) -> np.ndarray:
         x = torch.from_numpy(np.stack(pixels)).to(self.cfg.device)
         return self.vae.encode(x).latent_dist.parameters.float().cpu().numpy()
+
+    def inpainting(self, keys: list[str], pixels: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
+        """Per sample: K masks at latent size and the moments of each masked image (one batched encode)."""
+        k = self.cfg.inpainting_masks
+        if not k:
+            return [{} for _ in keys]
+        factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        masks, masked = [], []
+        for key, image in zip(keys, pixels, strict=True):
+            for i in range(k):
+                mask = draw_mask(image.shape[2], image.shape[1], mask_rng(self.cfg.seed, key, i))
+                masks.append(latent_mask(mask, factor))
+                masked.append(image * (mask < 1)[None].astype(image.dtype))
+        moments = self.moments(masked)
+        return [
+            {
+                MASKS_MEMBER: np.stack(masks[j * k : (j + 1) * k]),
+                MOMENTS_MEMBER: moments[j * k : (j + 1) * k].astype(self.cfg.dtype),
+            }
+            for j in range(len(keys))
+        ]
 
     @torch.no_grad()
     def text_states(self, captions: list[str]) -> list[np.ndarray | None]:
@@ -169,8 +195,9 @@ def encode_part(part: InputPart, cfg: EncodeConfig, encoder: Encoder) -> dict[st
             return
         moments = encoder.moments([b[1] for b in batch])
         texts = encoder.text_states([b[2] for b in batch])
-        for (key, _, caption, meta), m, text in zip(batch, moments, texts, strict=True):
-            sink.add(LatentSample(key, m, caption, meta), text)
+        inpainting = encoder.inpainting([b[0] for b in batch], [b[1] for b in batch])
+        for (key, _, caption, meta), m, text, extra in zip(batch, moments, texts, inpainting, strict=True):
+            sink.add(LatentSample(key, m, caption, meta), text, extra)
             shapes["x".join(map(str, m.shape))] += 1
 
     for raw in iter_part(part, lambda reason: skipped.update([reason.split(":")[0]])):
@@ -252,6 +279,7 @@ def merge(cfg: EncodeConfig, parts: list[InputPart]) -> dict[str, Any] | None:
             "buckets": cfg.buckets,
             "random_crop": cfg.random_crop,
             "dtype": cfg.dtype,
+            "inpainting_masks": cfg.inpainting_masks,
             "filters": asdict(cfg.filters),
             "kept": sum(e["num_samples"] for e in entries),
             "filtered": dict(report["filtered"]),

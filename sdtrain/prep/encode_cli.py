@@ -71,6 +71,14 @@ def parse_args(argv: list[str] | None) -> tuple[EncodeConfig, bool]:
         help='also store text.npy: a JSON TextEncoderConfig, e.g. \'{"arch": "ViT-H-14", '
         '"pretrained": "/w/open_clip.bin"}\'',
     )
+    p.add_argument(
+        "--inpainting-masks",
+        type=int,
+        default=0,
+        metavar="K",
+        help="also store K random inpainting masks per sample and the moments of each masked image (for "
+        "diffusion.inpainting=true; see sdtrain/prep/inpaint_masks.py)",
+    )
     p.add_argument("--merge-only", action="store_true", help="only write manifest.json from finished parts")
     filters = p.add_argument_group("filters (metadata from the sample's json; a missing field passes)")
     filters.add_argument("--min-size", type=int, default=0, help="shorter side of the original image, px")
@@ -125,6 +133,7 @@ def parse_args(argv: list[str] | None) -> tuple[EncodeConfig, bool]:
         "seed": a.seed,
         "device": a.device,
         "text_encoder": text_encoder,
+        "inpainting_masks": a.inpainting_masks,
     }
     cfg = from_values(EncodeConfig, values, "encode")
     cfg.filters = filter_cfg

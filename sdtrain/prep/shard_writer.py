@@ -93,7 +93,10 @@ class ShardSink:
         self.latent_shape: list[int] | None = None
         self._shard: _ShardFile | None = None
 
-    def add(self, sample: LatentSample, text: np.ndarray | None = None) -> None:
+    def add(
+        self, sample: LatentSample, text: np.ndarray | None = None, extra: dict[str, np.ndarray] | None = None
+    ) -> None:
+        """Append a sample (+ its text.npy, + `extra` arrays as KEY.NAME members, e.g. inpainting masks)."""
         if self._shard is None or self._shard.count == self.samples_per_shard:
             if self._shard is not None:
                 self.entries.append(self._shard.finish())
@@ -106,6 +109,8 @@ class ShardSink:
             add_member(tar, f"{sample.key}.json", json.dumps(sample.meta, sort_keys=True).encode("utf-8"), mtime)
         if text is not None:
             add_member(tar, f"{sample.key}.text.npy", npy_bytes(text), mtime)
+        for name, array in (extra or {}).items():
+            add_member(tar, f"{sample.key}.{name}", npy_bytes(array), mtime)
         self._shard.count += 1
 
     def close(self) -> list[dict[str, Any]]:

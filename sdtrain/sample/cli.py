@@ -2,6 +2,8 @@
 
     sdtrain-sample run/checkpoints/last.ckpt --prompt "red heart" --prompt "cat face" --seeds 0 1 2 --out samples/
     sdtrain-sample last.ckpt --prompts-file prompts.txt --sampler dpm++ --steps 20 --guidance 6 --batch-size 16
+    sdtrain-sample last.ckpt --prompt "a red heart" --init-image photo.png --strength 0.6     (img2img)
+    sdtrain-sample inpaint.ckpt --prompt "a cat" --init-image photo.png --mask mask.png        (inpainting)
 
 One image per (prompt, seed): the same seed gives the same image whatever the batch size or device, and the
 exported diffusers folder (sdtrain-export) reproduces it.
@@ -23,6 +25,7 @@ from tqdm import tqdm
 
 from sdtrain.checkpoint.format import WEIGHTS
 from sdtrain.checkpoint.trained import TrainedModel, load_trained
+from sdtrain.diffusion.editing import EditInputs, load_edit_inputs
 from sdtrain.diffusion.grid import labelled_grid
 from sdtrain.diffusion.sampling import SCHEDULERS, SamplingConfig, generate
 from sdtrain.errors import ConfigError, command_line
@@ -67,8 +70,10 @@ def sample_images(
     batch_size: int,
     latent_shape: tuple[int, ...],
     progress: bool = False,
+    edit: EditInputs | None = None,
 ) -> torch.Tensor:
-    """Images (N, 3, H, W) in [0, 1] for (prompt, seed) pairs, `batch_size` at a time."""
+    """Images (N, 3, H, W) in [0, 1] for (prompt, seed) pairs, `batch_size` at a time; `edit` holds one init
+    image (and mask) for all pairs."""
     tokenizer = model.tokenizer
     out = []
     batches = range(0, len(pairs), batch_size)
@@ -80,15 +85,25 @@ def sample_images(
                 vae=model.vae,
                 text_encoder=model.text_encoder,
                 tokenizer=tokenizer,
-                denormalize=model.normalizer.denormalize,
+                normalizer=model.normalizer,
                 prompts=[p for p, _ in chunk],
                 seeds=[s for _, s in chunk],
                 latent_shape=latent_shape,
                 cfg=cfg,
                 train_scheduler_config=model.diffusion.scheduler_config(),
+                edit=repeated(edit, len(chunk)),
+                inpainting=model.diffusion.inpainting,
             ).cpu()
         )
     return torch.cat(out)
+
+
+def repeated(edit: EditInputs | None, n: int) -> EditInputs | None:
+    """The one init image (and mask) of the command line, for each of `n` images of a batch."""
+    if edit is None:
+        return None
+    masks = edit.masks.expand(n, -1, -1, -1) if edit.masks is not None else None
+    return EditInputs(edit.pixels.expand(n, -1, -1, -1), masks, edit.strength)
 
 
 def slug(text: str) -> str:
@@ -123,6 +138,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--height", type=int, help="pixels (default: the training size)")
     parser.add_argument("--width", type=int, help="pixels (default: the training size)")
+    parser.add_argument("--guidance-rescale", type=float, default=GRID.guidance_rescale, help="rescaled CFG, 0-1")
+    parser.add_argument("--init-image", help="img2img: start from this image (resized to the sampling size)")
+    parser.add_argument(
+        "--strength",
+        type=float,
+        help=f"img2img: 0 = keep the image, 1 = pure noise (default {GRID.strength}; 1 with --mask)",
+    )
+    parser.add_argument("--mask", help="inpainting checkpoints: white = repaint, black = keep; the image's size")
     parser.add_argument("--weights", choices=WEIGHTS, default="ema", help="EMA (default) or raw U-Net weights")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return parser.parse_args(argv)
@@ -134,21 +157,43 @@ def run(args: argparse.Namespace) -> str:
         raise ConfigError("give prompts with --prompt or --prompts-file")
     if args.steps < 1 or args.batch_size < 1:
         raise ConfigError("--steps and --batch-size must be >= 1")
+    if args.mask and not args.init_image:
+        raise ConfigError("--mask needs --init-image (the image the mask applies to)")
     model = load_trained(args.checkpoint, args.weights, args.device)
+    if args.mask and not model.diffusion.inpainting:
+        raise ConfigError(
+            f"--mask needs an inpainting checkpoint (diffusion.inpainting=true); {args.checkpoint} is text-to-image "
+            "(use --init-image alone for img2img)"
+        )
     shape = latent_shape_for(model, args.height, args.width)
-    cfg = SamplingConfig(
-        prompts=prompts,
-        seeds=list(args.seeds),
-        steps=args.steps,
-        guidance=args.guidance,
-        negative_prompt=args.negative_prompt,
-        sampler=args.sampler,
-    )
+    edit = None
+    if args.init_image:
+        factor = 2 ** (len(model.vae.config.block_out_channels) - 1)
+        strength = args.strength if args.strength is not None else (1.0 if args.mask else GRID.strength)
+        edit = load_edit_inputs(
+            [args.init_image],
+            [args.mask] if args.mask else [],
+            height=shape[1] * factor,
+            width=shape[2] * factor,
+            strength=strength,
+        )
+    try:
+        cfg = SamplingConfig(
+            prompts=prompts,
+            seeds=list(args.seeds),
+            steps=args.steps,
+            guidance=args.guidance,
+            negative_prompt=args.negative_prompt,
+            sampler=args.sampler,
+            guidance_rescale=args.guidance_rescale,
+        )
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     pairs = [(p, s) for p in prompts for s in args.seeds]
     log.info(
         "step %d (%s weights): %d images, %s x %d steps", model.step, model.weights, len(pairs), cfg.sampler, cfg.steps
     )
-    images = sample_images(model, pairs, cfg, batch_size=args.batch_size, latent_shape=shape, progress=True)
+    images = sample_images(model, pairs, cfg, batch_size=args.batch_size, latent_shape=shape, progress=True, edit=edit)
     return write_images(images, pairs, args.out, len(args.seeds))
 
 

@@ -86,7 +86,7 @@ def training_flops_per_image(
     config = dict(unet.config)
     unet_flops = unet_training_flops(
         lambda: UNet2DConditionModel.from_config(config),
-        tuple(latent_shape),
+        (config["in_channels"], *latent_shape[1:]),  # an inpainting U-Net also takes mask + masked-image latents
         config["cross_attention_dim"],
         context_length,
     )

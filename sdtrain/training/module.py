@@ -94,6 +94,8 @@ class LatentDiffusionModule(L.LightningModule):
         noise = self.objective.sample_noise(latents, generator)
         timesteps = self.objective.sample_timesteps(latents.shape[0], latents.device, generator)
         noisy, target = self.objective.noisy_and_target(latents, noise, timesteps)
+        if self.objective.cfg.inpainting:  # the SD inpainting layout: noisy latents ++ mask ++ masked-image latents
+            noisy = torch.cat([noisy, batch["mask"].to(noisy.dtype), batch["masked_latents"].to(noisy.dtype)], dim=1)
         loss = self.objective.loss(self(noisy, timesteps, self.text_context(batch)), target, timesteps)
         self.skipped.update(batch.get("skipped") or {})
         if self.skipped and logs_this_step(self.trainer):

@@ -11,34 +11,19 @@ import time
 import numpy as np
 import pytest
 import torch
-from helpers import REPO, emoji_raw_tars, emoji_subset, write_raw_tar
+from helpers import REPO, emoji_subset, write_raw_tar
 from PIL import Image
 
 from sdtrain.data.loader import LatentDataConfig, LatentStream
 from sdtrain.data.normalizer import LatentNormalizer
 from sdtrain.data.shards import resolve_shards
 from sdtrain.demo.emoji_images import emoji_pairs, load_pixels
-from sdtrain.demo.vae_training import VAETrainConfig, psnr, train_vae
+from sdtrain.demo.vae_training import psnr
 from sdtrain.models.text_encoder import build_tokenizer
 from sdtrain.prep.doctor import main as doctor_main
 from sdtrain.prep.encode_cli import main as encode_main
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def vae_dir(tmp_path_factory):
-    """A tiny VAE trained for 300 steps on real emoji (32 px), saved as a diffusers folder."""
-    pixels = load_pixels(emoji_pairs()[1::3][:600], 32)
-    vae, _ = train_vae(pixels, VAETrainConfig(max_seconds=600, max_steps=300))
-    folder = tmp_path_factory.mktemp("vae") / "vae"
-    vae.save_pretrained(folder)
-    return str(folder)
-
-
-@pytest.fixture(scope="module")
-def raw_tars(tmp_path_factory):
-    return emoji_raw_tars(tmp_path_factory.mktemp("raw"), count=96, per_tar=16)  # 6 tars = 6 parts
 
 
 def _encode(out, inputs, vae, *extra):

@@ -18,8 +18,10 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.loggers import WandbLogger
 
+from sdtrain.diffusion.editing import EditInputs, load_edit_inputs
 from sdtrain.diffusion.grid import labelled_grid
 from sdtrain.diffusion.sampling import SamplingConfig, generate
+from sdtrain.errors import ConfigError
 from sdtrain.training import signals
 from sdtrain.training.callbacks.ema import find_ema
 
@@ -40,6 +42,29 @@ class SampleGridCallback(L.Callback):
         self.every_n_steps = every_n_steps
         self.at_end = at_end
         self._last_step = -1
+        self._edit: EditInputs | None = None  # the init images (and masks) per prompt, read once
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        cfg = self.cfg
+        if not cfg.init_images:
+            return
+        images, masks = list(cfg.init_images), list(cfg.masks)
+        if len(images) not in (1, len(cfg.prompts)):
+            raise ConfigError(f"callbacks.sampling.init_images: {len(images)} images for {len(cfg.prompts)} prompts")
+        if masks and not pl_module.objective.cfg.inpainting:
+            raise ConfigError("callbacks.sampling.masks need an inpainting model (diffusion.inpainting=true)")
+        images, masks = images * (len(cfg.prompts) // len(images)), masks * (len(cfg.prompts) // len(masks or [1]))
+        _, h, w = pl_module.latent_shape
+        factor = 2 ** (len(pl_module.vae.config.block_out_channels) - 1)
+        self._edit = load_edit_inputs(images, masks, height=h * factor, width=w * factor, strength=cfg.strength)
+
+    def _edit_for(self, indices: list[int]) -> EditInputs | None:
+        """The edit inputs of the grid images `indices` (row i = prompt i = init image i)."""
+        if self._edit is None:
+            return None
+        rows = [i // len(self.cfg.seeds) for i in indices]
+        masks = self._edit.masks[rows] if self._edit.masks is not None else None
+        return EditInputs(self._edit.pixels[rows], masks, self._edit.strength)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         step = trainer.global_step
@@ -73,12 +98,14 @@ class SampleGridCallback(L.Callback):
                     vae=pl_module.vae,
                     text_encoder=pl_module.text_encoder,
                     tokenizer=pl_module.tokenizer,
-                    denormalize=pl_module.normalizer.denormalize,
+                    normalizer=pl_module.normalizer,
                     prompts=[pairs[i][0] for i in padded],
                     seeds=[pairs[i][1] for i in padded],
                     latent_shape=pl_module.latent_shape,
                     cfg=self.cfg,
                     train_scheduler_config=pl_module.objective.cfg.scheduler_config(),
+                    edit=self._edit_for(padded),
+                    inpainting=pl_module.objective.cfg.inpainting,
                 )
         finally:
             pl_module.unet.train(was_training)

@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from sdtrain.data.holdout import HoldoutSet, load_holdout
 from sdtrain.data.shards import ShardSet
+from sdtrain.errors import ConfigError
 from sdtrain.seeding import validation_generator
 from sdtrain.training.callbacks.ema import find_ema
 
@@ -61,6 +62,11 @@ class FixedTimestepValidation(L.Callback):
         self._last_step = -1
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if pl_module.objective.cfg.inpainting:
+            raise ConfigError(
+                "callbacks.validation does not feed an inpainting U-Net's mask channels yet; set "
+                "callbacks.validation.every_n_steps=0 with diffusion.inpainting=true"
+            )
         self.holdout = load_holdout(
             self.shard_set,
             tokenizer=pl_module.tokenizer,
