@@ -12,8 +12,17 @@ import torch
 from sdtrain.models.clip_layout import clip_tokenizer
 
 
-def save_tiny_pipeline(out: Path, version: str = "sd1", seed: int = 0) -> Path:
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+def save_tiny_pipeline(
+    out: Path, version: str = "sd1", seed: int = 0, *, inpainting: bool = False, vae: str | None = None
+) -> Path:
+    """`inpainting`: a 9-channel U-Net in a StableDiffusionInpaintPipeline folder; `vae`: this VAE folder's."""
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        StableDiffusionInpaintPipeline,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
@@ -33,7 +42,7 @@ def save_tiny_pipeline(out: Path, version: str = "sd1", seed: int = 0) -> Path:
     )
     unet = UNet2DConditionModel(
         sample_size=8,
-        in_channels=4,
+        in_channels=9 if inpainting else 4,
         out_channels=4,
         layers_per_block=1,
         block_out_channels=(32, 64),
@@ -44,16 +53,20 @@ def save_tiny_pipeline(out: Path, version: str = "sd1", seed: int = 0) -> Path:
         use_linear_projection=sd2,
         norm_num_groups=8,
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        block_out_channels=(16, 32),
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        layers_per_block=1,
-        norm_num_groups=8,
-        sample_size=16,
+    vae = (
+        AutoencoderKL.from_pretrained(vae)
+        if vae
+        else AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            latent_channels=4,
+            block_out_channels=(16, 32),
+            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+            layers_per_block=1,
+            norm_num_groups=8,
+            sample_size=16,
+        )
     )
     scheduler = DDIMScheduler(
         beta_start=0.00085,
@@ -65,7 +78,7 @@ def save_tiny_pipeline(out: Path, version: str = "sd1", seed: int = 0) -> Path:
         prediction_type="v_prediction" if sd2 else "epsilon",
     )
     tokenizer = clip_tokenizer(str(out.parent / f"{out.name}-tokenizer-src"), "!" if sd2 else "<|endoftext|>")
-    pipe = StableDiffusionPipeline(
+    pipe = (StableDiffusionInpaintPipeline if inpainting else StableDiffusionPipeline)(
         vae=vae,
         text_encoder=text,
         tokenizer=tokenizer,

@@ -51,6 +51,16 @@ CASES = {
     "fsdp_bad_dtype": (["strategy=fsdp", "strategy.param_dtype=fp8"], "strategy.param_dtype must be null"),
     "xformers_unavailable": (["model.attention=xformers"], "model.attention=xformers: xformers"),
     "unknown_attention": (["model.attention=flash"], "attention must be one of sdpa, xformers, math, auto"),
+    # editing and objectives (issue 20)
+    "inpainting_4ch_unet": (["diffusion.inpainting=true"], "diffusion.inpainting=true needs a U-Net with 9 input"),
+    "inpainting_shards_without_masks": (
+        ["model.unet.config.in_channels=9", "diffusion.inpainting=true"],
+        "needs shards from sdtrain-encode --inpainting-masks",
+    ),
+    "inpainting_unet_without_flag": (["model.unet.config.in_channels=9"], "set diffusion.inpainting=true"),
+    "zero_snr_epsilon": (["diffusion.zero_terminal_snr=true"], "needs prediction_type=v_prediction"),
+    "masks_without_images": (["callbacks.sampling.masks=[m.png]"], "masks need init_images"),
+    "init_image_missing": (["callbacks.sampling.init_images=[/nonexistent.png]"], "init image not found"),
 }
 
 

@@ -230,3 +230,24 @@ def test_inpainting_export_runs_in_plain_diffusers_inpaint_pipeline(tmp_path, in
                            cwd=tmp_path, timeout=300)  # fmt: skip
     assert plain.returncode == 0, plain.stderr[-2000:]
     assert plain.stdout.split() == ["ok", "9"]
+
+
+def test_a_released_inpainting_folder_trains_as_inpainting(tmp_path, inpaint_shards, vae_dir):
+    """model.pretrained= a StableDiffusionInpaintPipeline folder (saved by diffusers itself) sets
+    diffusion.inpainting; its 9-channel U-Net trains on the inpainting shards."""
+    from pipelines import save_tiny_pipeline
+
+    folder = save_tiny_pipeline(tmp_path / "sd-inpaint", inpainting=True, vae=vae_dir)
+    run = tmp_path / "run"
+    result = run_train(
+        run,
+        f"data.shards={inpaint_shards}",
+        f"model.pretrained={folder}",
+        "trainer.max_steps=2",
+        "data.num_workers=0",
+        "callbacks.samples.at_end=false",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "'inpainting': True" in result.stdout + result.stderr  # the log line naming what the folder set
+    model = load_trained(str(run / "checkpoints" / "last.ckpt"))
+    assert model.diffusion.inpainting and model.unet.config.in_channels == 9

@@ -60,3 +60,43 @@ def test_plain_mse_and_offset_noise():
     shifted = offset.sample_noise(x, torch.Generator().manual_seed(0))
     per_channel_mean = (shifted - plain).mean(dim=(2, 3))
     assert per_channel_mean.std().item() == pytest.approx(0.5, rel=0.1)
+
+
+def test_zero_terminal_snr_matches_diffusers_rescale_and_samplers_start_at_pure_noise():
+    """diffusion.zero_terminal_snr: the training schedule's alphas_cumprod equal those of diffusers'
+    rescale_zero_terminal_snr applied to SD's betas (to 1e-6), the last is 0 (SNR 0), and every sampler's first
+    timestep is 999 (trailing spacing)."""
+    from diffusers.schedulers.scheduling_ddpm import rescale_zero_terminal_snr
+
+    from sdtrain.diffusion.sampling import SCHEDULERS, build_scheduler
+
+    cfg = DiffusionConfig(prediction_type="v_prediction", zero_terminal_snr=True)
+    ours = DiffusionObjective(cfg).scheduler.alphas_cumprod.double()
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float32) ** 2  # scaled_linear
+    reference = torch.cumprod(1.0 - rescale_zero_terminal_snr(betas), dim=0).double()
+    assert torch.allclose(ours, reference, atol=1e-6, rtol=0)
+    assert ours[-1] == 0.0 and DiffusionObjective(DiffusionConfig()).scheduler.alphas_cumprod[-1] > 1e-3
+    for sampler in SCHEDULERS:
+        scheduler = build_scheduler(sampler, cfg.scheduler_config())
+        scheduler.set_timesteps(10)
+        assert int(scheduler.timesteps[0]) == 999, sampler
+    with pytest.raises(ValueError, match="needs prediction_type=v_prediction"):
+        DiffusionConfig(zero_terminal_snr=True)
+
+
+def test_inpainting_masks_follow_the_recipe_and_are_seeded_by_key():
+    import numpy as np
+    import torch.nn.functional as F
+
+    from sdtrain.prep.inpaint_masks import draw_mask, latent_mask, mask_rng
+
+    masks = [draw_mask(64, 48, mask_rng(0, f"{i:06d}", 0)) for i in range(400)]
+    full = sum(bool(m.all()) for m in masks) / len(masks)
+    assert 0.18 < full < 0.32  # the recipe's 25% "mask everything"
+    assert all(m.shape == (48, 64) and m.any() for m in masks)  # never empty
+    partial = [m.mean() for m in masks if not m.all()]
+    assert 0.05 < float(np.mean(partial)) < 0.7
+    assert np.array_equal(draw_mask(64, 48, mask_rng(0, "000007", 0)), masks[7])  # same key, same mask
+    assert not np.array_equal(draw_mask(64, 48, mask_rng(0, "000007", 1)), masks[7])
+    torch_nearest = F.interpolate(torch.from_numpy(masks[3]).float()[None, None], size=(6, 8))[0, 0].numpy()
+    assert np.array_equal(latent_mask(masks[3], 8), torch_nearest.astype(np.uint8))
