@@ -232,20 +232,24 @@ def test_inpainting_export_runs_in_plain_diffusers_inpaint_pipeline(tmp_path, in
 
 def test_a_released_inpainting_folder_trains_as_inpainting(tmp_path, inpaint_shards, vae_dir):
     """model.pretrained= a StableDiffusionInpaintPipeline folder (saved by diffusers itself) sets
-    diffusion.inpainting; its 9-channel U-Net trains on the inpainting shards."""
+    diffusion.inpainting; its 9-channel U-Net trains on the inpainting shards and draws an inpainting grid."""
     from pipelines import save_tiny_pipeline
 
     folder = save_tiny_pipeline(tmp_path / "sd-inpaint", inpainting=True, vae=vae_dir)
     run = tmp_path / "run"
+    init, mask = _image(tmp_path / "init.png"), _mask(tmp_path / "mask.png")
     result = run_train(
         run,
         f"data.shards={inpaint_shards}",
         f"model.pretrained={folder}",
         "trainer.max_steps=2",
         "data.num_workers=0",
-        "callbacks.samples.at_end=false",
+        "callbacks.sampling.steps=2",
+        f"callbacks.sampling.init_images=[{init}]",  # the end-of-run grid inpaints this image's masked box
+        f"callbacks.sampling.masks=[{mask}]",
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "'inpainting': True" in result.stdout + result.stderr  # the log line naming what the folder set
     model = load_trained(str(run / "checkpoints" / "last.ckpt"))
     assert model.diffusion.inpainting and model.unet.config.in_channels == 9
+    assert (run / "samples" / "step_000002.png").is_file()
