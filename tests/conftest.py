@@ -1,3 +1,4 @@
+import logging
 import sys
 from pathlib import Path
 
@@ -5,6 +6,10 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+# pytest attaches its log capture to every logger that does not propagate, torch's structured-trace logger too;
+# with a handler there torch builds its trace artifacts (FX graphs, generated code) on every compile, as under
+# TORCH_TRACE, and pytest keeps them all. Propagating, it has no handler of its own once torch's lazy one leaves.
+logging.getLogger("torch.__trace").propagate = True
 
 from helpers import make_dataset  # noqa: E402
 

@@ -28,6 +28,7 @@ from sdtrain.data.samples import (
     checked_inpainting,
     checked_latent,
     decode_caption,
+    decode_loss_mask,
     decode_text,
     posterior_sample,
 )
@@ -82,13 +83,15 @@ class Pending(NamedTuple):
     key: str
     text: np.ndarray | None
     inpaint: tuple[np.ndarray, np.ndarray] | None = None  # (K masks, K masked-image moments)
+    loss_mask: np.ndarray | None = None  # (h, w) loss weights in [0, 1]; None = 1 everywhere
 
 
 class LatentStream(IterableDataset):
     """Yields dict batches forever: latents (B,C,h,w) float32, tokens (B,L) int64 (or with data.text_embeddings:
     context (B,L,D) float32 + dropped (B,) bool), keys (sample keys), skipped ({reason: count} of samples dropped
     since the previous batch of this worker); with `inpainting`, also mask (B,1,h,w) float32 and masked_latents
-    (B,C,h,w), normalised. A batch holds one latent shape (aspect buckets)."""
+    (B,C,h,w), normalised; with `masked_loss`, loss_mask (B,1,h,w) float32 (ones for samples without a mask). A
+    batch holds one latent shape (aspect buckets)."""
 
     def __init__(
         self,
@@ -103,9 +106,11 @@ class LatentStream(IterableDataset):
         seed: int = 0,
         start_batch: int = 0,
         inpainting: bool = False,
+        masked_loss: bool = False,
     ) -> None:
         self.shard_set = shard_set
         self.inpainting = inpainting
+        self.masked_loss = masked_loss
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.latent_channels = latent_channels
@@ -163,13 +168,14 @@ class LatentStream(IterableDataset):
                 caption = decode_caption(raw)
                 text = decode_text(raw) if self.cfg.text_embeddings else None
                 inpaint = checked_inpainting(raw, latent.shape) if self.inpainting else None
+                loss_mask = decode_loss_mask(raw, latent.shape[-2:]) if self.masked_loss else None
             except SampleError as exc:
                 if emitted >= skip_batches:  # replayed skips were counted and logged by the first run
                     self.skipped[exc.reason] += 1
                     self._check_skip_rate(reads, raw, exc)
                 continue
             group = groups[(field.kind, latent.shape)]
-            group.append(Pending(latent, caption, raw["__key__"], text, inpaint))
+            group.append(Pending(latent, caption, raw["__key__"], text, inpaint, loss_mask))
             if len(group) == self.cfg.batch_size:
                 groups[(field.kind, latent.shape)] = []
                 emitted += 1
@@ -198,6 +204,10 @@ class LatentStream(IterableDataset):
             out["tokens"] = self.tokenizer(["" if d else p.caption for p, d in zip(batch, dropped, strict=True)])
         if self.inpainting:  # drawn after everything above: a text-to-image run's draws stay as they were
             out.update(self._inpainting_inputs(batch, generator))
+        if self.masked_loss:
+            ones = np.ones(latents.shape[-2:], dtype=np.float32)
+            masks = [ones if p.loss_mask is None else p.loss_mask for p in batch]
+            out["loss_mask"] = torch.from_numpy(np.stack(masks)[:, None])
         return out
 
     def _inpainting_inputs(self, batch: list[Pending], generator: torch.Generator) -> dict[str, Any]:

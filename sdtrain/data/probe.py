@@ -7,6 +7,7 @@ thousands of counted skips later.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,11 +19,14 @@ from sdtrain.data.samples import (
     checked_inpainting,
     checked_latent,
     decode_caption,
+    decode_loss_mask,
     posterior_sample,
 )
 from sdtrain.data.shards import ShardSet, iter_raw_samples, resolve_shards
 from sdtrain.errors import DataError
 from sdtrain.seeding import seeded_generator
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,10 +37,14 @@ class ProbedData:
 
 
 def probe_dataset(
-    shard_set: ShardSet, cfg: LatentDataConfig, latent_channels: int, inpainting: bool = False
+    shard_set: ShardSet,
+    cfg: LatentDataConfig,
+    latent_channels: int,
+    inpainting: bool = False,
+    masked_loss: bool = False,
 ) -> tuple[int, ...]:
     """Check the first sample before training starts (with `inpainting`, its masks and masked-image moments
-    too); returns the latent shape (C, h, w)."""
+    too; with `masked_loss`, its loss mask); returns the latent shape (C, h, w)."""
     url = shard_set.shards[0].url
     problems: list[str] = []
     raw = next(iter(iter_raw_samples(url, problems.append)), None)
@@ -50,6 +58,10 @@ def probe_dataset(
         latent = posterior_sample(stored, field.kind, seeded_generator(0))
         if inpainting:
             checked_inpainting(raw, stored.shape)
+        if masked_loss and decode_loss_mask(raw, stored.shape[-2:]) is None:
+            log.warning(
+                "diffusion.masked_loss=true, but %s has no mask.npy/mask.png: such samples count everywhere", where
+            )
     except SampleError as exc:
         if exc.reason == "wrong_channels":
             # an odd channel count is the inpainting layout (2C + 1: latents + mask + masked-image latents)
@@ -101,11 +113,12 @@ def probe(
     text_config: Any,
     vae_encoder_sha256: str | None = None,
     inpainting: bool = False,
+    masked_loss: bool = False,
 ) -> ProbedData:
     """The training set resolved and checked: shards, latent shape of its first sample, VAE, normalisation."""
     shard_set = resolve_shards(cfg.shards)
     check_vae(shard_set.manifest, vae_encoder_sha256)
-    latent_shape = probe_dataset(shard_set, cfg, latent_channels, inpainting)
+    latent_shape = probe_dataset(shard_set, cfg, latent_channels, inpainting, masked_loss)
     if cfg.text_embeddings:
         check_text_embeddings(shard_set.manifest, text_config)
     normalizer = LatentNormalizer.resolve(cfg.scaling_factor, cfg.shift_factor, shard_set.manifest)

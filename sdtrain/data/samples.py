@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 # Extensions that may hold latents, and what they hold. `npy` is the MLPerf SD v2 reference's name for moments.
 LATENT_EXTENSIONS = {"moments.npy": "moments", "latent.npy": "latent", "npy": "moments"}
@@ -19,6 +20,9 @@ LATENT_EXTENSIONS = {"moments.npy": "moments", "latent.npy": "latent", "npy": "m
 # (K, h, w), 1 = repaint; and the VAE moments of each masked image (K, 2C, h, w), unscaled.
 MASKS_MEMBER = "inpaint_masks.npy"
 MOMENTS_MEMBER = "inpaint_moments.npy"
+# Masked loss (diffusion.masked_loss): a per-pixel loss weight in [0, 1], 1 = learn, at latent or pixel size.
+LOSS_MASK_MEMBER = "mask.npy"  # what sdtrain-encode writes: float16 (h, w)
+LOSS_MASK_MEMBERS = (LOSS_MASK_MEMBER, "mask.png")
 # Same clamp as diffusers' DiagonalGaussianDistribution, so a posterior sample matches the VAE's own.
 LOGVAR_RANGE = (-30.0, 20.0)
 
@@ -169,3 +173,28 @@ def checked_inpainting(sample: dict[str, Any], moments_shape: tuple[int, ...]) -
     if moments.dtype not in (np.float16, np.float32) or not np.isfinite(moments).all():
         raise SampleError("bad_inpaint", "inpainting moments must be finite float16/float32")
     return masks, moments
+
+
+def decode_loss_mask(sample: dict[str, Any], latent_size: tuple[int, int]) -> np.ndarray | None:
+    """The sample's loss weights (h, w) float32 in [0, 1] from mask.npy (float in [0, 1], uint8 0-255 or bool) or
+    mask.png (grey level / 255), at the latent size or an integer multiple of it (averaged down: a pixel mask
+    weighs each latent by the share of its pixels kept); None if the sample has none."""
+    member = next((m for m in LOSS_MASK_MEMBERS if m in sample), None)
+    if member is None:
+        return None
+    try:
+        if member == "mask.png":
+            with Image.open(io.BytesIO(sample[member])) as image:
+                mask = np.asarray(image.convert("L"), dtype=np.float32) / 255.0
+        else:
+            mask = np.load(io.BytesIO(sample[member]), allow_pickle=False)
+            mask = mask.astype(np.float32) / 255.0 if mask.dtype == np.uint8 else mask.astype(np.float32)
+    except Exception as exc:  # noqa: BLE001 - PIL and np.load raise many types for garbage input
+        raise SampleError("bad_loss_mask", f"cannot read {member}: {exc}") from None
+    h, w = latent_size
+    factor = mask.shape[0] // h if mask.ndim == 2 and h else 0
+    if factor < 1 or mask.shape != (h * factor, w * factor):
+        raise SampleError("bad_loss_mask", f"{member} is {mask.shape}, the latents are {h}x{w} (or a multiple)")
+    if not np.isfinite(mask).all() or mask.min() < 0 or mask.max() > 1:
+        raise SampleError("bad_loss_mask", f"{member} values must be in [0, 1]")
+    return mask.reshape(h, factor, w, factor).mean(axis=(1, 3)) if factor > 1 else mask

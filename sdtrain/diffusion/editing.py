@@ -18,6 +18,7 @@ from PIL import Image, UnidentifiedImageError
 from torch import nn
 
 from sdtrain.errors import ConfigError
+from sdtrain.models.diffusers_parts import vae_scale_factor
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,7 +102,7 @@ def inpainting_channels(
     latents. Without an image or mask (text-to-image from an inpainting model, e.g. the training grids)
     everything is masked, as the SD inpainting recipe trains a share of samples."""
     _, h, w = latent_shape
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    factor = vae_scale_factor(vae)
     if pixels is None or masks is None:
         pixels = torch.zeros(count, 3, h * factor, w * factor)
         masks = torch.ones(count, 1, h * factor, w * factor)

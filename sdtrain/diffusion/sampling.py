@@ -150,17 +150,18 @@ def generate(
     scheduler = build_scheduler(cfg.sampler, train_scheduler_config)
     pixels = edit.pixels if edit is not None else None
     strength = edit.strength if edit is not None else 1.0
+    image_latents = encode_pixels(vae, pixels, normalizer.normalize) if pixels is not None else None
     extra = keep = None
     if inpainting:
         masks = edit.masks if edit is not None else None
         extra = inpainting_channels(vae, normalizer.normalize, pixels, masks, latent_shape, len(prompts))
         if masks is not None:
-            keep = (extra[:, :1], encode_pixels(vae, pixels, normalizer.normalize))
+            keep = (extra[:, :1], image_latents)
     # An inpainting model at strength 1 starts from pure noise (its mask channels carry the image), as diffusers'
     # inpaint pipeline does; img2img at strength 1 noises the image to the first timestep (pure noise only with
     # zero terminal SNR), as diffusers' img2img does.
     from_image = pixels is not None and not (inpainting and strength == 1.0)
-    init = encode_pixels(vae, pixels, normalizer.normalize) if from_image else None
+    init = image_latents if from_image else None
     latents = denoise(
         unet,
         context,

@@ -29,6 +29,7 @@ from sdtrain.errors import ConfigError, command_line
 from sdtrain.evaluate.clip_score import ClipScorer
 from sdtrain.evaluate.fid import InceptionFeatures, fid
 from sdtrain.evaluate.images import mean_colour_images, read_image_folder
+from sdtrain.models.diffusers_parts import vae_scale_factor
 from sdtrain.sample.cli import latent_shape_for, read_prompts, sample_images
 
 GRID = SamplingConfig()  # the CLI's sampling defaults are the training grids' (diffusion/sampling.py)
@@ -63,7 +64,7 @@ def evaluate(args: argparse.Namespace) -> list[dict[str, Any]]:
         raise ConfigError("--num-images must be >= 2 (FID needs a covariance)")
     models = [(path, load_trained(path, args.weights, args.device)) for path in args.checkpoints]
     first = models[0][1]
-    factor = 2 ** (len(first.vae.config.block_out_channels) - 1)
+    factor = vae_scale_factor(first.vae)
     size = first.latent_shape[1] * factor
     real = read_image_folder(args.real, size, limit=args.num_images)
     captions = read_prompts(args.prompts_file) if args.prompts_file else real.captions

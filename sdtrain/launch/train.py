@@ -76,6 +76,7 @@ def build_module(cfg: DictConfig, data: LatentDataConfig) -> tuple[LatentDiffusi
         # a VAE from weights must be the one that made the latents; a random one (tests) only decodes grids
         vae_encoder_sha256=encoder_fingerprint(parts.vae) if model.pretrained or model.vae.pretrained else None,
         inpainting=diffusion.inpainting,
+        masked_loss=diffusion.masked_loss,
     )
     module = LatentDiffusionModule(
         unet=parts.unet,
@@ -103,6 +104,7 @@ def build_module(cfg: DictConfig, data: LatentDataConfig) -> tuple[LatentDiffusi
         normalizer=probed.normalizer,
         seed=cfg.seed,
         inpainting=diffusion.inpainting,
+        masked_loss=diffusion.masked_loss,
     )
     return module, LatentDataModule(stream), probed.shard_set
 

@@ -80,6 +80,11 @@ def build_vae(cfg: VAEConfig, read: WeightsReader = read_weights) -> Autoencoder
     return vae.eval()
 
 
+def vae_scale_factor(vae: AutoencoderKL) -> int:
+    """Pixels per latent along a side (8 for SD's VAE): each block after the first halves the size."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
 def encoder_fingerprint(vae: AutoencoderKL) -> str:
     """sha256 of the VAE's encoder half (encoder.*, quant_conv.*) as float32: what decides the latents. Shards
     record it (sdtrain-encode) and a run checks its VAE against it; decoder-only fine-tunes (SD's ft-MSE/EMA VAEs)

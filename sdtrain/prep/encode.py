@@ -18,17 +18,18 @@ import logging
 import os
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
 from sdtrain.data.normalizer import SD_SCALING_FACTOR
-from sdtrain.data.samples import SampleError
+from sdtrain.data.samples import LOSS_MASK_MEMBER, SampleError
 from sdtrain.data.shards import MANIFEST_NAME
 from sdtrain.errors import ConfigError, DataError
+from sdtrain.models.diffusers_parts import vae_scale_factor
 from sdtrain.prep.filters import FilterConfig, rejection
-from sdtrain.prep.images import decode_image, nearest_bucket, resize_and_crop
+from sdtrain.prep.images import decode_image, decode_mask, nearest_bucket, resize_and_crop
 from sdtrain.prep.inpaint_masks import MASKS_MEMBER, MOMENTS_MEMBER, draw_mask, latent_mask, mask_rng
 from sdtrain.prep.shard_writer import LatentSample, ShardSink, manifest, write_json_atomic
 from sdtrain.prep.sources import InputPart, RawSample, iter_part, plan_parts
@@ -126,7 +127,7 @@ class Encoder:
         k = self.cfg.inpainting_masks
         if not k:
             return [{} for _ in keys]
-        factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        factor = vae_scale_factor(self.vae)
         masks, masked = [], []
         for key, image in zip(keys, pixels, strict=True):
             for i in range(k):
@@ -142,6 +143,19 @@ class Encoder:
             for j in range(len(keys))
         ]
 
+    def loss_masks(self, masks: list[np.ndarray | None]) -> list[dict[str, np.ndarray]]:
+        """Per sample: its pixel loss mask averaged down to the latent size, as a `mask.npy` member (or none)."""
+        factor = vae_scale_factor(self.vae)
+        out = []
+        for mask in masks:
+            if mask is None:
+                out.append({})
+                continue
+            h, w = mask.shape[0] // factor, mask.shape[1] // factor
+            small = mask[: h * factor, : w * factor].reshape(h, factor, w, factor).mean(axis=(1, 3))
+            out.append({LOSS_MASK_MEMBER: small.astype(np.float16)})
+        return out
+
     @torch.no_grad()
     def text_states(self, captions: list[str]) -> list[np.ndarray | None]:
         if self.text is None:
@@ -150,8 +164,18 @@ class Encoder:
         return list(states)
 
 
-def prepare_sample(raw: RawSample, cfg: EncodeConfig) -> tuple[np.ndarray, str, dict[str, Any], tuple[int, int]]:
-    """A raw sample -> (pixels, caption, json meta, bucket); SampleError for bad data, ('filtered', name) too."""
+class Prepared(NamedTuple):
+    key: str
+    pixels: np.ndarray
+    caption: str
+    meta: dict[str, Any]
+    bucket: tuple[int, int]
+    loss_mask: np.ndarray | None  # (h, w) in [0, 1] at the pixel size, through the image's resize and crop
+
+
+def prepare_sample(raw: RawSample, cfg: EncodeConfig) -> Prepared:
+    """A raw sample -> pixels, caption, json meta, bucket (and loss mask); SampleError for bad data,
+    ('filtered', name) too."""
     if raw.image is None:
         raise SampleError("missing_image", "no image file")
     if raw.caption is None:
@@ -169,10 +193,11 @@ def prepare_sample(raw: RawSample, cfg: EncodeConfig) -> tuple[np.ndarray, str, 
     buckets = [tuple(b) for b in cfg.buckets] if cfg.buckets else [(cfg.resolution, cfg.resolution)]
     bucket = nearest_bucket(image.width, image.height, buckets) if len(buckets) > 1 else buckets[0]
     rng = crop_rng(cfg.seed, raw.key)
-    pixels, crop = resize_and_crop(image, bucket, random_crop=cfg.random_crop, rng=rng)
+    mask = decode_mask(raw.mask, image.size) if raw.mask is not None else None
+    pixels, crop, loss_mask = resize_and_crop(image, bucket, random_crop=cfg.random_crop, rng=rng, mask=mask)
     laion = {k: raw.meta[k] for k in ("url", "aesthetic", "punsafe", "similarity", "pwatermark") if k in raw.meta}
     meta = {**crop.meta(), **laion, **({"bucket": list(bucket)} if cfg.buckets else {})}
-    return pixels, caption, meta, bucket
+    return Prepared(raw.key, pixels, caption, meta, bucket, loss_mask)
 
 
 def encode_part(part: InputPart, cfg: EncodeConfig, encoder: Encoder) -> dict[str, Any]:
@@ -186,32 +211,34 @@ def encode_part(part: InputPart, cfg: EncodeConfig, encoder: Encoder) -> dict[st
     )
     skipped: Counter[str] = Counter()
     filtered: Counter[str] = Counter()
-    pending: dict[tuple[int, int], list[tuple[str, np.ndarray, str, dict[str, Any]]]] = defaultdict(list)
+    pending: dict[tuple[int, int], list[Prepared]] = defaultdict(list)
     shapes: Counter[str] = Counter()
 
     def flush(bucket: tuple[int, int]) -> None:
         batch, pending[bucket] = pending[bucket], []
         if not batch:
             return
-        moments = encoder.moments([b[1] for b in batch])
-        texts = encoder.text_states([b[2] for b in batch])
-        inpainting = encoder.inpainting([b[0] for b in batch], [b[1] for b in batch])
-        for (key, _, caption, meta), m, text, extra in zip(batch, moments, texts, inpainting, strict=True):
-            sink.add(LatentSample(key, m, caption, meta), text, extra)
+        pixels = [b.pixels for b in batch]
+        moments = encoder.moments(pixels)
+        texts = encoder.text_states([b.caption for b in batch])
+        inpainting = encoder.inpainting([b.key for b in batch], pixels)
+        masks = encoder.loss_masks([b.loss_mask for b in batch])
+        for b, m, text, inpaint, mask in zip(batch, moments, texts, inpainting, masks, strict=True):
+            sink.add(LatentSample(b.key, m, b.caption, b.meta), text, {**inpaint, **mask})
             shapes["x".join(map(str, m.shape))] += 1
 
     for raw in iter_part(part, lambda reason: skipped.update([reason.split(":")[0]])):
         try:
-            pixels, caption, meta, bucket = prepare_sample(raw, cfg)
+            prepared = prepare_sample(raw, cfg)
         except SampleError as exc:
             if exc.reason.startswith("filtered:"):
                 filtered[exc.reason.split(":", 1)[1]] += 1
             else:
                 skipped[exc.reason] += 1
             continue
-        pending[bucket].append((raw.key, pixels, caption, meta))
-        if len(pending[bucket]) == cfg.batch_size:
-            flush(bucket)
+        pending[prepared.bucket].append(prepared)
+        if len(pending[prepared.bucket]) == cfg.batch_size:
+            flush(prepared.bucket)
     for bucket in sorted(pending):
         flush(bucket)
     entries = sink.close()

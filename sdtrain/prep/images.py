@@ -41,6 +41,18 @@ class Crop:
         }
 
 
+def decode_mask(data: bytes, size: tuple[int, int]) -> Image.Image:
+    """A loss mask as a grey image of `size` (the image's); SampleError('bad_loss_mask') otherwise."""
+    try:
+        with Image.open(io.BytesIO(data)) as mask:
+            grey = mask.convert("L")
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise SampleError("bad_loss_mask", f"mask is not a readable image: {exc}") from None
+    if grey.size != size:
+        raise SampleError("bad_loss_mask", f"mask is {grey.size[0]}x{grey.size[1]} px, its image {size[0]}x{size[1]}")
+    return grey
+
+
 def decode_image(data: bytes) -> Image.Image:
     """RGB image from file bytes; SampleError('bad_image') for anything PIL cannot fully decode."""
     try:
@@ -67,9 +79,15 @@ def nearest_bucket(width: int, height: int, buckets: list[tuple[int, int]]) -> t
 
 
 def resize_and_crop(
-    image: Image.Image, size: tuple[int, int], *, random_crop: bool = False, rng: random.Random | None = None
-) -> tuple[np.ndarray, Crop]:
-    """Resize so the image covers `size` (w, h), then crop: (3, h, w) float32 in [-1, 1] and where it came from."""
+    image: Image.Image,
+    size: tuple[int, int],
+    *,
+    random_crop: bool = False,
+    rng: random.Random | None = None,
+    mask: Image.Image | None = None,
+) -> tuple[np.ndarray, Crop, np.ndarray | None]:
+    """Resize so the image covers `size` (w, h), then crop: (3, h, w) float32 in [-1, 1], where it came from and,
+    given a grey `mask` the image's size, the mask through the same resize and crop, (h, w) float32 in [0, 1]."""
     target_w, target_h = size
     scale = max(target_w / image.width, target_h / image.height)
     resized_w, resized_h = max(target_w, round(image.width * scale)), max(target_h, round(image.height * scale))
@@ -81,6 +99,11 @@ def resize_and_crop(
         left, top = (resized_w - target_w) // 2, (resized_h - target_h) // 2
     cropped = resized.crop((left, top, left + target_w, top + target_h))
     pixels = np.asarray(cropped, dtype=np.float32).transpose(2, 0, 1) / 127.5 - 1.0
+    box = (left, top, left + target_w, top + target_h)
+    mask_pixels = None
+    if mask is not None:  # bilinear: an edge pixel keeps the share of its area the mask covers
+        mask_pixels = np.asarray(mask.resize((resized_w, resized_h), Image.Resampling.BILINEAR).crop(box))
+        mask_pixels = mask_pixels.astype(np.float32) / 255.0
     # crop offsets in original-image pixels, as SDXL's micro-conditioning expects them
     crop = Crop(target_w, target_h, image.width, image.height, round(top / scale), round(left / scale))
-    return pixels, crop
+    return pixels, crop, mask_pixels

@@ -2,6 +2,7 @@
 
 - img2dataset / LAION WebDataset tars: `KEY.jpg|png|webp` + `KEY.txt` + `KEY.json`; one tar = one part.
 - a folder of images with same-name `.txt` captions (and optional `.json`): parts of `files_per_part` images.
+  Either may hold a loss mask per image (`KEY.mask.png` / `NAME.mask.png`, white = learn; diffusion.masked_loss).
 - a table (`.parquet`, `.jsonl`, `.csv`) with a caption column and an image-path column (relative to the table):
   parts of `files_per_part` rows.
 
@@ -27,6 +28,7 @@ from sdtrain.errors import DataError
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp")
 TABLE_EXTENSIONS = (".parquet", ".jsonl", ".csv")
+MASK_SUFFIX = "mask.png"  # KEY.mask.png: a loss mask the size of KEY's image
 
 
 @dataclass(slots=True)
@@ -35,6 +37,7 @@ class RawSample:
     image: bytes | None
     caption: bytes | None
     meta: dict[str, Any] = field(default_factory=dict)
+    mask: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +116,8 @@ def _iter_tar(path: str, on_error: Callable[[str], None]) -> Iterator[RawSample]
                 current.caption = data
             elif ext == "json":
                 current.meta = _json_meta(data)
+            elif ext == MASK_SUFFIX:
+                current.mask = data
     except (TarDamage, tarfile.TarError, EOFError, OSError) as exc:
         on_error(f"truncated_tar: {path}: {exc}")
         current = None  # the sample being read when the damage hit may be incomplete
@@ -133,7 +138,7 @@ def _folder_images(folder: str) -> list[str]:
     found = []
     for root, _, files in os.walk(folder):
         for name in files:
-            if name.lower().rsplit(".", 1)[-1] in IMAGE_EXTENSIONS:
+            if name.lower().rsplit(".", 1)[-1] in IMAGE_EXTENSIONS and not name.endswith("." + MASK_SUFFIX):
                 found.append(os.path.relpath(os.path.join(root, name), folder))
     return sorted(found)
 
@@ -152,7 +157,11 @@ def _iter_folder(folder: str, start: int, stop: int) -> Iterator[RawSample]:
         meta = _read_optional(stem + ".json")
         key = os.path.splitext(rel)[0].replace(os.sep, "__").replace(".", "_")
         yield RawSample(
-            key, _read_optional(os.path.join(folder, rel)), _read_optional(stem + ".txt"), _json_meta(meta or b"{}")
+            key,
+            _read_optional(os.path.join(folder, rel)),
+            _read_optional(stem + ".txt"),
+            _json_meta(meta or b"{}"),
+            _read_optional(f"{stem}.{MASK_SUFFIX}"),
         )
 
 

@@ -29,6 +29,7 @@ from sdtrain.diffusion.editing import EditInputs, load_edit_inputs
 from sdtrain.diffusion.grid import labelled_grid
 from sdtrain.diffusion.sampling import SCHEDULERS, SamplingConfig, generate
 from sdtrain.errors import ConfigError, command_line
+from sdtrain.models.diffusers_parts import vae_scale_factor
 
 GRID = SamplingConfig()  # the CLI's sampling defaults are the training grids' (diffusion/sampling.py)
 log = logging.getLogger("sdtrain.sample")
@@ -53,7 +54,7 @@ def read_prompts(path: str) -> list[str]:
 def latent_shape_for(model: TrainedModel, height: int | None, width: int | None) -> tuple[int, ...]:
     """Latent (C, h, w) for an image size in pixels; the training size when none is given."""
     channels, h, w = model.latent_shape
-    factor = 2 ** (len(model.vae.config.block_out_channels) - 1)
+    factor = vae_scale_factor(model.vae)
     if height is None and width is None:
         return channels, h, w
     height, width = height or h * factor, width or w * factor
@@ -168,7 +169,7 @@ def run(args: argparse.Namespace) -> str:
     shape = latent_shape_for(model, args.height, args.width)
     edit = None
     if args.init_image:
-        factor = 2 ** (len(model.vae.config.block_out_channels) - 1)
+        factor = vae_scale_factor(model.vae)
         strength = args.strength if args.strength is not None else (1.0 if args.mask else GRID.strength)
         edit = load_edit_inputs(
             [args.init_image],

@@ -93,10 +93,13 @@ class LatentDiffusionModule(L.LightningModule):
         generator = self.noise_generator(latents.device)
         noise = self.objective.sample_noise(latents, generator)
         timesteps = self.objective.sample_timesteps(latents.shape[0], latents.device, generator)
-        noisy, target = self.objective.noisy_and_target(latents, noise, timesteps)
+        noisy, target = self.objective.noisy_and_target(
+            latents, noise, timesteps, self.objective.input_noise(noise, generator)
+        )
         if self.objective.cfg.inpainting:  # the SD inpainting layout: noisy latents ++ mask ++ masked-image latents
             noisy = torch.cat([noisy, batch["mask"].to(noisy.dtype), batch["masked_latents"].to(noisy.dtype)], dim=1)
-        loss = self.objective.loss(self(noisy, timesteps, self.text_context(batch)), target, timesteps)
+        prediction = self(noisy, timesteps, self.text_context(batch))
+        loss = self.objective.loss(prediction, target, timesteps, batch.get("loss_mask"))
         self.skipped.update(batch.get("skipped") or {})
         if self.skipped and logs_this_step(self.trainer):
             self.log("data/skipped", float(sum(self.skipped.values())))

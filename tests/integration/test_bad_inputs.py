@@ -61,6 +61,9 @@ CASES = {
     "zero_snr_epsilon": (["diffusion.zero_terminal_snr=true"], "needs prediction_type=v_prediction"),
     "masks_without_images": (["callbacks.sampling.masks=[m.png]"], "masks need init_images"),
     "init_image_missing": (["callbacks.sampling.init_images=[/nonexistent.png]"], "init image not found"),
+    # objectives (issue 19)
+    "unknown_loss_type": (["diffusion.loss_type=mae"], "loss_type must be one of ('l2', 'l1', 'huber')"),
+    "negative_input_perturbation": (["diffusion.input_perturbation=-0.1"], "input_perturbation and offset_noise >= 0"),
 }
 
 

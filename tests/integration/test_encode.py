@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 
 import numpy as np
@@ -254,3 +255,31 @@ def test_encode_bad_arguments_are_one_line_before_any_worker_starts(tmp_path, ra
     assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1, err
     missing = encode_main([str(tmp_path / "missing.tar"), "--out", str(tmp_path / "o"), "--vae", vae_dir])
     assert missing == 2 and "input not found" in capsys.readouterr().err
+
+
+def test_loss_masks_go_through_the_images_resize_and_crop(tmp_path, vae_dir):
+    """NAME.mask.png beside an image becomes a latent-size mask.npy (averaged down after the image's own resize and
+    crop); a mask of another size is a counted bad_loss_mask skip; an image without one gets none."""
+    folder = tmp_path / "masked"
+    folder.mkdir()
+    half = np.zeros((64, 96), np.uint8)
+    half[:, :48] = 255  # left half: learn
+    for name, mask in [("left", half), ("wrong_size", half[:32]), ("none", None)]:
+        Image.fromarray(np.full((64, 96, 3), 90, np.uint8)).save(folder / f"{name}.png")
+        (folder / f"{name}.txt").write_text(name)
+        if mask is not None:
+            Image.fromarray(mask).save(folder / f"{name}.mask.png")
+    out = tmp_path / "out"
+    assert _encode(out, [folder], vae_dir) == 0  # 96x64 -> 48x32 -> centre crop 32x32 -> latents 8x8
+    info = json.loads((out / "manifest.json").read_text())["encode"]
+    assert info["skipped"] == {"bad_loss_mask": 1} and info["kept"] == 2
+    samples = {}
+    for shard in sorted(out.glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            for member in tar.getmembers():
+                samples[member.name] = tar.extractfile(member).read()
+    assert not any(name.startswith("none.mask") for name in samples)
+    mask = np.load(io.BytesIO(samples["left.mask.npy"]))
+    assert mask.shape == (8, 8) and mask.dtype == np.float16
+    # the crop keeps columns 8..40 of 48, the mask's edge at 24: latent columns 0-3 learn, 4-7 do not
+    assert (mask[:, :3] == 1).all() and (mask[:, 5:] == 0).all() and mask.mean() == pytest.approx(0.5, abs=0.02)

@@ -37,13 +37,16 @@ def _parts():
     return unet, text
 
 
-def _batches(n=4):
+def _batches(n=4, masked=False):
     g = torch.Generator().manual_seed(1)
     tok = build_tokenizer()
-    return [
+    batches = [
         {"latents": torch.randn(4, 4, 8, 8, generator=g), "tokens": tok(["a cat", "", "red apple", "sun"])}
         for _ in range(n)
     ]
+    for batch in batches if masked else []:
+        batch["loss_mask"] = (torch.rand(4, 1, 8, 8, generator=g) > 0.3).float()
+    return batches
 
 
 def tiny_module(diffusion: DiffusionConfig, optim: OptimConfig, seed: int = 0) -> LatentDiffusionModule:
@@ -61,11 +64,21 @@ def tiny_module(diffusion: DiffusionConfig, optim: OptimConfig, seed: int = 0) -
     )
 
 
-@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
-def test_lightning_step_equals_bare_pytorch_loop(prediction_type):
-    batches = _batches()
+OBJECTIVES = {
+    "epsilon": dict(prediction_type="epsilon", min_snr_gamma=5.0),
+    "v_prediction": dict(prediction_type="v_prediction", min_snr_gamma=5.0),
+    # the robust recipe keys together, with a loss mask in every batch
+    "huber-logit_normal-perturbed-masked": dict(
+        loss_type="huber", timestep_sampling="logit_normal", input_perturbation=0.1, masked_loss=True
+    ),
+}
+
+
+@pytest.mark.parametrize("objective_name", OBJECTIVES)
+def test_lightning_step_equals_bare_pytorch_loop(objective_name):
+    diffusion = DiffusionConfig(**OBJECTIVES[objective_name])
+    batches = _batches(masked=diffusion.masked_loss)
     optim = OptimConfig(lr=1e-3, warmup_steps=2, schedule="cosine")
-    diffusion = DiffusionConfig(prediction_type=prediction_type, min_snr_gamma=5.0)
 
     # bare loop
     unet, text = _parts()
@@ -76,10 +89,10 @@ def test_lightning_step_equals_bare_pytorch_loop(prediction_type):
         generator = step_generator(123, 0, step, 0, x.device)  # documented per-step noise seeding
         noise = objective.sample_noise(x, generator)
         t = objective.sample_timesteps(x.shape[0], x.device, generator)
-        noisy, target = objective.noisy_and_target(x, noise, t)
+        noisy, target = objective.noisy_and_target(x, noise, t, objective.input_noise(noise, generator))
         with torch.no_grad():
             context = text(batch["tokens"])
-        loss = objective.loss(unet(noisy, t, encoder_hidden_states=context).sample, target, t)
+        loss = objective.loss(unet(noisy, t, encoder_hidden_states=context).sample, target, t, batch.get("loss_mask"))
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)

@@ -180,3 +180,48 @@ def test_resume_is_exact_with_bad_samples_in_the_consumed_part(tmp_path):
     for a, b in zip(full[4:], resumed, strict=True):
         assert a["keys"] == b["keys"] and torch.equal(a["latents"], b["latents"])
         assert torch.equal(a["tokens"], b["tokens"])
+
+
+def _png(array: np.ndarray) -> bytes:
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.fromarray(array).save(out, format="PNG")
+    return out.getvalue()
+
+
+def test_loss_masks_are_read_at_latent_or_pixel_size_and_bad_ones_skipped(tmp_path, caplog):
+    """diffusion.masked_loss: mask.npy (float or uint8) at latent size, mask.png at 8x (averaged down), none =
+    ones; a mask of the wrong size, unreadable or outside [0, 1] is a counted bad_loss_mask skip."""
+    moments = npy_bytes(np.zeros((8, 8, 8), np.float16))
+    half = np.zeros((64, 64), np.uint8)
+    half[:, :32] = 255
+    with tarfile.open(tmp_path / "000000.tar", "w") as tar:
+        for key, member, data in [
+            ("b1", "mask.npy", npy_bytes(np.ones((5, 5), np.float32))),
+            ("b2", "mask.png", b"not a png"),
+            ("b3", "mask.npy", npy_bytes(np.full((8, 8), 2.0, np.float32))),
+            ("s0", "mask.npy", npy_bytes(np.full((8, 8), 0.25, np.float32))),
+            ("s1", "mask.png", _png(half)),
+            ("s2", None, None),
+            ("s3", "mask.npy", npy_bytes(np.full((8, 8), 255, np.uint8))),
+            ("s4", None, None),  # 8 samples: the epoch plan reads whole batches of 4 (bad samples count)
+        ]:
+            _add(tar, f"{key}.moments.npy", moments)
+            _add(tar, f"{key}.txt", key.encode())
+            if member:
+                _add(tar, f"{key}.{member}", data)
+    spec = str(tmp_path / "000000.tar")
+    cfg = LatentDataConfig(shards=spec, batch_size=4, num_workers=0, shuffle_buffer=0, caption_dropout=0.0)
+    ds = LatentStream(
+        resolve_shards(spec), cfg, TOKENIZER, latent_channels=4, normalizer=LatentNormalizer(), masked_loss=True
+    )
+    batch = take(ds, 1)[0]
+    assert batch["keys"] == ["s0", "s1", "s2", "s3"] and batch["skipped"] == {"bad_loss_mask": 3}
+    mask = batch["loss_mask"]
+    assert mask.shape == (4, 1, 8, 8) and mask.dtype == torch.float32
+    assert torch.all(mask[0] == 0.25) and torch.all(mask[2] == 1.0) and torch.all(mask[3] == 1.0)
+    assert torch.all(mask[1, 0, :, :4] == 1.0) and torch.all(mask[1, 0, :, 4:] == 0.0)
+    with pytest.raises(DataError, match="sample 'b1': bad_loss_mask: mask.npy is"):
+        probe_dataset(resolve_shards(spec), cfg, latent_channels=4, masked_loss=True)
+    assert "loss_mask" not in take(stream(spec, num_workers=0), 1)[0]  # off by default: no member is read

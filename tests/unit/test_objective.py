@@ -100,3 +100,64 @@ def test_inpainting_masks_follow_the_recipe_and_are_seeded_by_key():
     assert not np.array_equal(draw_mask(64, 48, mask_rng(0, "000007", 1)), masks[7])
     torch_nearest = F.interpolate(torch.from_numpy(masks[3]).float()[None, None], size=(6, 8))[0, 0].numpy()
     assert np.array_equal(latent_mask(masks[3], 8), torch_nearest.astype(np.uint8))
+
+
+def test_l1_and_pseudo_huber_losses():
+    """l1 is torch's L1; huber is 2c(sqrt(r^2 + c^2) - c): MSE for errors well below c, 2c|r| - 2c^2 well above."""
+    pred = torch.zeros(2, 4, 8, 8)
+    target = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([10, 500])
+    l1 = DiffusionObjective(DiffusionConfig(loss_type="l1"))
+    assert torch.isclose(l1.loss(pred, target, t), torch.nn.functional.l1_loss(pred, target), rtol=1e-6)
+    huber = DiffusionObjective(DiffusionConfig(loss_type="huber", huber_c=0.1))
+    small, large = target * 1e-3, target.sign() * 50
+    mse = torch.nn.functional.mse_loss(pred, small)
+    assert torch.isclose(huber.loss(pred, small, t), mse, rtol=1e-3)
+    assert torch.isclose(huber.loss(pred, large, t), torch.tensor(2 * 0.1 * 50 - 2 * 0.1**2), rtol=1e-4)
+    exact = 2 * 0.1 * (torch.sqrt(target**2 + 0.01) - 0.1)
+    assert torch.isclose(huber.loss(pred, target, t), exact.mean(), rtol=1e-6)
+    with pytest.raises(ValueError, match="loss_type"):
+        DiffusionConfig(loss_type="mae")
+
+
+def test_logit_normal_timesteps_follow_their_distribution():
+    """t/T = sigmoid(N(m, s)): the empirical CDF matches Phi((logit(t/T) - m) / s) within 0.01 at every decile,
+    t stays in [0, T), and uniform sampling's draws are unchanged."""
+    cfg = DiffusionConfig(timestep_sampling="logit_normal", logit_mean=0.5, logit_std=0.8)
+    t = DiffusionObjective(cfg).sample_timesteps(200_000, torch.device("cpu"), torch.Generator().manual_seed(0))
+    assert t.dtype == torch.long and t.min() >= 0 and t.max() <= 999
+    normal = torch.distributions.Normal(0.5, 0.8)
+    for edge in range(100, 1000, 100):
+        expect = normal.cdf(torch.logit(torch.tensor(edge / 1000))).item()
+        assert (t < edge).float().mean().item() == pytest.approx(expect, abs=0.01), edge
+    uniform = DiffusionObjective(DiffusionConfig()).sample_timesteps(8, torch.device("cpu"), torch.Generator())
+    assert torch.equal(uniform, torch.randint(0, 1000, (8,), generator=torch.Generator()))
+
+
+def test_input_perturbation_noises_the_input_not_the_target():
+    """x_t = add_noise(x0, noise + g * fresh) while the target stays `noise`; g = 0 draws nothing more."""
+    x0, noise, t = _batch()
+    plain = DiffusionObjective(DiffusionConfig())
+    perturbed = DiffusionObjective(DiffusionConfig(input_perturbation=0.1))
+    generator = torch.Generator().manual_seed(3)
+    assert plain.input_noise(noise, generator) is noise
+    state = generator.get_state()
+    input_noise = perturbed.input_noise(noise, generator)
+    fresh = torch.randn(noise.shape, generator=torch.Generator().set_state(state))
+    assert torch.allclose(input_noise, noise + 0.1 * fresh)
+    noisy, target = perturbed.noisy_and_target(x0, noise, t, input_noise)
+    assert torch.equal(target, noise)
+    assert torch.allclose(noisy, plain.scheduler.add_noise(x0, noise + 0.1 * fresh, t))
+    assert not torch.allclose(noisy, plain.noisy_and_target(x0, noise, t)[0])
+
+
+def test_masked_loss_weights_each_latent_pixel():
+    """pixel weights scale the error before the mean: zeros drop a region, and the mean is over all pixels
+    (kohya's masked loss), so a half mask halves a uniform error."""
+    objective = DiffusionObjective(DiffusionConfig(masked_loss=True))
+    pred, target, t = torch.zeros(2, 4, 8, 8), torch.ones(2, 4, 8, 8), torch.tensor([1, 2])
+    target[:, :, :, 4:] = 5.0  # a large error only where the mask is 0
+    mask = torch.zeros(2, 1, 8, 8)
+    mask[..., :4] = 1.0
+    assert objective.loss(pred, target, t, mask).item() == pytest.approx(0.5)
+    assert objective.loss(pred, target, t).item() == pytest.approx(13.0)

@@ -22,6 +22,7 @@ from sdtrain.diffusion.editing import EditInputs, load_edit_inputs
 from sdtrain.diffusion.grid import labelled_grid
 from sdtrain.diffusion.sampling import SamplingConfig, generate
 from sdtrain.errors import ConfigError
+from sdtrain.models.diffusers_parts import vae_scale_factor
 from sdtrain.training import signals
 from sdtrain.training.callbacks.ema import find_ema
 
@@ -55,7 +56,7 @@ class SampleGridCallback(L.Callback):
             raise ConfigError("callbacks.sampling.masks need an inpainting model (diffusion.inpainting=true)")
         images, masks = images * (len(cfg.prompts) // len(images)), masks * (len(cfg.prompts) // len(masks or [1]))
         _, h, w = pl_module.latent_shape
-        factor = 2 ** (len(pl_module.vae.config.block_out_channels) - 1)
+        factor = vae_scale_factor(pl_module.vae)
         self._edit = load_edit_inputs(images, masks, height=h * factor, width=w * factor, strength=cfg.strength)
 
     def _edit_for(self, indices: list[int]) -> EditInputs | None:
