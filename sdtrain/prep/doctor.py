@@ -1,11 +1,11 @@
 """`sdtrain-doctor PATTERN`: check a latent shard set before spending GPU hours on it.
 
 Reads every sample of every shard: readable tars, required keys, latent shapes/dtypes/finite values, UTF-8
-captions, parseable json, text.npy shapes; counts samples and compares them (and the latent shape) with the
-manifest; prints per-channel latent mean/std and caption-length stats. Latent statistics far from the VAE's
-normal range suggest pixels were not normalised to [-1, 1] (the MLPerf SD v2 set is such a case); with --vae a
-few samples are decoded and the pixel range reported. Exit 1 on errors (2 on bad arguments), 0 otherwise;
---strict makes warnings errors.
+captions, parseable json, text.npy shapes, inpainting members and loss masks where present; counts samples and
+compares them (and the latent shape) with the manifest; prints per-channel latent mean/std and caption-length
+stats. Latent statistics far from the VAE's normal range suggest pixels were not normalised to [-1, 1] (the MLPerf
+SD v2 set is such a case); with --vae a few samples are decoded and the pixel range reported. Exit 1 on errors (2
+on bad arguments), 0 otherwise; --strict makes warnings errors.
 """
 
 from __future__ import annotations
@@ -23,7 +23,18 @@ import numpy as np
 import torch
 
 from sdtrain.data.normalizer import SD_SCALING_FACTOR
-from sdtrain.data.samples import LatentField, SampleError, checked_latent, decode_caption, decode_text, latent_channels
+from sdtrain.data.samples import (
+    MASKS_MEMBER,
+    MOMENTS_MEMBER,
+    LatentField,
+    SampleError,
+    checked_inpainting,
+    checked_latent,
+    decode_caption,
+    decode_loss_mask,
+    decode_text,
+    latent_channels,
+)
 from sdtrain.data.shards import ShardSet, iter_raw_samples, resolve_shards
 from sdtrain.errors import command_line
 
@@ -39,6 +50,7 @@ class Report:
     bad: Counter[str] = field(default_factory=Counter)
     shapes: Counter[str] = field(default_factory=Counter)
     dtypes: Counter[str] = field(default_factory=Counter)
+    members: Counter[str] = field(default_factory=Counter)  # samples holding each optional member kind
     caption_lengths: list[int] = field(default_factory=list)
     channel_sum: np.ndarray | None = None
     channel_sq: np.ndarray | None = None
@@ -68,6 +80,10 @@ def check_sample(raw: dict[str, Any], field_: LatentField, report: Report, keep_
     if "text.npy" in raw:
         text = decode_text(raw)
         report.shapes[f"text {'x'.join(map(str, text.shape))}"] += 1
+    if field_.kind == "moments" and (MASKS_MEMBER in raw or MOMENTS_MEMBER in raw):
+        report.members[f"inpainting x{len(checked_inpainting(raw, array.shape)[0])}"] += 1
+    if decode_loss_mask(raw, array.shape[-2:]) is not None:
+        report.members["loss_mask"] += 1
     report.shapes["x".join(map(str, array.shape))] += 1
     report.dtypes[str(array.dtype)] += 1
     report.caption_lengths.append(len(caption))
@@ -157,6 +173,8 @@ def print_report(report: Report, shard_set: ShardSet) -> None:
         + (f"  manifest: {shard_set.total_samples}" if shard_set.manifest else "")
     )
     print(f"latent shapes: {dict(report.shapes)}  dtypes: {dict(report.dtypes)}")
+    if report.members:
+        print(f"optional members: {dict(report.members)}")
     for key, value in report.stats.items():
         print(f"{key}: {value}")
     if report.bad:
@@ -195,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
                     "warnings": report.warnings,
                     "bad": dict(report.bad),
                     "shapes": dict(report.shapes),
+                    "members": dict(report.members),
                     **report.stats,
                 },
                 f,

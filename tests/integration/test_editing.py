@@ -141,8 +141,12 @@ def inpaint_run(tmp_path_factory, inpaint_shards, vae_dir):
     return run
 
 
-def test_inpainting_shards_hold_masks_and_masked_image_moments(inpaint_shards):
+def test_inpainting_shards_hold_masks_and_masked_image_moments(inpaint_shards, capsys):
+    from sdtrain.prep.doctor import main as doctor_main
+
+    assert doctor_main([str(inpaint_shards)]) == 0
     manifest = json.loads((inpaint_shards / "manifest.json").read_text())
+    assert f"optional members: {{'inpainting x2': {manifest['encode']['kept']}}}" in capsys.readouterr().out
     assert manifest["encode"]["inpainting_masks"] == 2
     with tarfile.open(next(inpaint_shards.glob("*.tar"))) as tar:
         names = tar.getnames()

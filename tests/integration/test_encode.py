@@ -257,7 +257,7 @@ def test_encode_bad_arguments_are_one_line_before_any_worker_starts(tmp_path, ra
     assert missing == 2 and "input not found" in capsys.readouterr().err
 
 
-def test_loss_masks_go_through_the_images_resize_and_crop(tmp_path, vae_dir):
+def test_loss_masks_go_through_the_images_resize_and_crop(tmp_path, vae_dir, capsys):
     """NAME.mask.png beside an image becomes a latent-size mask.npy (averaged down after the image's own resize and
     crop); a mask of another size is a counted bad_loss_mask skip; an image without one gets none."""
     folder = tmp_path / "masked"
@@ -283,3 +283,5 @@ def test_loss_masks_go_through_the_images_resize_and_crop(tmp_path, vae_dir):
     assert mask.shape == (8, 8) and mask.dtype == np.float16
     # the crop keeps columns 8..40 of 48, the mask's edge at 24: latent columns 0-3 learn, 4-7 do not
     assert (mask[:, :3] == 1).all() and (mask[:, 5:] == 0).all() and mask.mean() == pytest.approx(0.5, abs=0.02)
+    assert doctor_main([str(out)]) == 0
+    assert "optional members: {'loss_mask': 1}" in capsys.readouterr().out

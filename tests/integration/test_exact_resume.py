@@ -13,7 +13,7 @@ import torch
 from helpers import REPO, run_train
 
 pytestmark = pytest.mark.slow
-STEPS = 20
+STEPS = 12
 COMMON = [
     "trainer.enable_progress_bar=false",
     "callbacks.checkpoint.every_n_steps=3",

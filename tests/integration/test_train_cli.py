@@ -75,3 +75,36 @@ def test_wandb_offline_run_has_the_config_images_and_survives_a_resume(tmp_path,
         assert nested in record, nested
     assert glob.glob(f"{runs[0]}/run-{run_id}.wandb")
     assert glob.glob(f"{runs[0]}/files/media/images/samples_*.png")  # the sample images went to W&B too
+
+
+def test_masked_loss_reads_each_samples_mask_into_the_loss(tmp_path, dataset):
+    """diffusion.masked_loss=true through the CLI: the same shards with an all-zero mask.npy per sample train with
+    a loss of exactly 0 at every step (the same data without masks trains with loss > 0: the test above)."""
+    import io
+    import shutil
+    import tarfile
+
+    import numpy as np
+
+    masked = tmp_path / "masked"
+    masked.mkdir()
+    mask = io.BytesIO()
+    np.save(mask, np.zeros((8, 8), np.float32))
+    for shard in sorted(dataset.parent.glob("*.tar")):
+        with tarfile.open(shard) as src, tarfile.open(masked / shard.name, "w") as dst:
+            members = src.getmembers()
+            for i, member in enumerate(members):
+                dst.addfile(member, src.extractfile(member))
+                key = member.name.split(".", 1)[0]
+                if i + 1 == len(members) or members[i + 1].name.split(".", 1)[0] != key:  # the key's last member
+                    info = tarfile.TarInfo(f"{key}.mask.npy")
+                    info.size = len(mask.getvalue())
+                    dst.addfile(info, io.BytesIO(mask.getvalue()))
+    shutil.copy(dataset, masked / "manifest.json")
+    run = tmp_path / "run"
+    overrides = ["trainer.max_steps=3", "callbacks.samples.at_end=false", "callbacks.samples.every_n_steps=0"]
+    result = run_train(run, f"data.shards={masked / 'manifest.json'}", "diffusion.masked_loss=true", *overrides, *FAST)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(run / "logs" / "version_0" / "metrics.csv") as f:
+        losses = [float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")]
+    assert len(losses) == 3 and all(loss == 0.0 for loss in losses)

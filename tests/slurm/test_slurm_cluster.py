@@ -109,7 +109,7 @@ def test_warning_signal_saves_requeues_and_finishes(cluster, tmp_path, dataset):
     cycle on a busy machine and never finish. Here only the deadlines depend on speed, not the outcome.
     """
     run = tmp_path / "run"
-    steps = 40
+    steps = 20
     job = submit(
         run,
         "--nodes",
