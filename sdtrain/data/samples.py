@@ -175,6 +175,12 @@ def checked_inpainting(sample: dict[str, Any], moments_shape: tuple[int, ...]) -
     return masks, moments
 
 
+def average_down(mask: np.ndarray, factor: int) -> np.ndarray:
+    """(h*f, w*f) -> (h, w): each output pixel the mean of its f x f block (the share of it the mask keeps)."""
+    h, w = mask.shape[0] // factor, mask.shape[1] // factor
+    return mask[: h * factor, : w * factor].reshape(h, factor, w, factor).mean(axis=(1, 3))
+
+
 def decode_loss_mask(sample: dict[str, Any], latent_size: tuple[int, int]) -> np.ndarray | None:
     """The sample's loss weights (h, w) float32 in [0, 1] from mask.npy (float in [0, 1], uint8 0-255 or bool) or
     mask.png (grey level / 255), at the latent size or an integer multiple of it (averaged down: a pixel mask
@@ -197,4 +203,4 @@ def decode_loss_mask(sample: dict[str, Any], latent_size: tuple[int, int]) -> np
         raise SampleError("bad_loss_mask", f"{member} is {mask.shape}, the latents are {h}x{w} (or a multiple)")
     if not np.isfinite(mask).all() or mask.min() < 0 or mask.max() > 1:
         raise SampleError("bad_loss_mask", f"{member} values must be in [0, 1]")
-    return mask.reshape(h, factor, w, factor).mean(axis=(1, 3)) if factor > 1 else mask
+    return average_down(mask, factor) if factor > 1 else mask

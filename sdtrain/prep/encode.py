@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from sdtrain.data.normalizer import SD_SCALING_FACTOR
-from sdtrain.data.samples import LOSS_MASK_MEMBER, SampleError
+from sdtrain.data.samples import LOSS_MASK_MEMBER, SampleError, average_down
 from sdtrain.data.shards import MANIFEST_NAME
 from sdtrain.errors import ConfigError, DataError
 from sdtrain.models.diffusers_parts import vae_scale_factor
@@ -146,15 +146,7 @@ class Encoder:
     def loss_masks(self, masks: list[np.ndarray | None]) -> list[dict[str, np.ndarray]]:
         """Per sample: its pixel loss mask averaged down to the latent size, as a `mask.npy` member (or none)."""
         factor = vae_scale_factor(self.vae)
-        out = []
-        for mask in masks:
-            if mask is None:
-                out.append({})
-                continue
-            h, w = mask.shape[0] // factor, mask.shape[1] // factor
-            small = mask[: h * factor, : w * factor].reshape(h, factor, w, factor).mean(axis=(1, 3))
-            out.append({LOSS_MASK_MEMBER: small.astype(np.float16)})
-        return out
+        return [{} if m is None else {LOSS_MASK_MEMBER: average_down(m, factor).astype(np.float16)} for m in masks]
 
     @torch.no_grad()
     def text_states(self, captions: list[str]) -> list[np.ndarray | None]:
