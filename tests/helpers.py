@@ -34,13 +34,21 @@ def run_train(run_dir: Path, *overrides: str, timeout: int = 600, env: dict | No
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=full_env)
 
 
+def run_train_vae(run_dir: Path, *overrides: str, timeout: int = 900, env: dict | None = None):
+    """`sdtrain-train-vae experiment=vae_demo` (the demo's 32 px VAE) with progress lines instead of a bar."""
+    cmd = [sys.executable, "-m", "sdtrain.train_vae", "experiment=vae_demo", f"hydra.run.dir={run_dir}", *overrides]
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=full_env)
+
+
 # Runs sdtrain-train once per case in ONE fresh process (the imports, ~8 s, paid once), each with its own
 # stderr file at the file-descriptor level: what a user would see on the terminal for that command line.
 _CASES_DRIVER = r"""
 import json, os, sys
 from hydra.core.global_hydra import GlobalHydra
-from sdtrain.launch.train import main
+import importlib
 cases, out = json.loads(sys.argv[1]), sys.argv[2]
+main = importlib.import_module(sys.argv[3]).main
 results = {}
 for name, argv in cases.items():
     err = os.path.join(out, name + ".stderr")
@@ -63,14 +71,18 @@ json.dump(results, open(os.path.join(out, "results.json"), "w"))
 """
 
 
-def run_train_cases(work: Path, cases: dict[str, list[str]], timeout: int = 600) -> dict[str, dict]:
+def run_train_cases(
+    work: Path, cases: dict[str, list[str]], timeout: int = 600, job: str = "sdtrain.launch.train", base=None
+) -> dict[str, dict]:
     """{case: {"returncode", "stderr"}} for `sdtrain-train experiment=tiny ARGS` per case, all in one process
-    (each case gets hydra.run.dir=WORK/NAME)."""
+    (each case gets hydra.run.dir=WORK/NAME); `job`/`base`: another entry module and its base overrides
+    (sdtrain.launch.train_vae, ["experiment=vae_demo"])."""
     import json
 
     work.mkdir(parents=True, exist_ok=True)
-    argvs = {n: ["experiment=tiny", f"hydra.run.dir={work / n}", *args] for n, args in cases.items()}
-    cmd = [sys.executable, "-c", _CASES_DRIVER, json.dumps(argvs), str(work)]
+    base = ["experiment=tiny"] if base is None else base
+    argvs = {n: [*base, f"hydra.run.dir={work / n}", *args] for n, args in cases.items()}
+    cmd = [sys.executable, "-c", _CASES_DRIVER, json.dumps(argvs), str(work), job]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads((work / "results.json").read_text())

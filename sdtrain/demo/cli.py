@@ -1,7 +1,8 @@
-"""`sdtrain-demo`: the whole story on CPU with real captioned images, in about 15 minutes.
+"""`sdtrain-demo`: the whole story on CPU with real captioned images, in about 20-24 minutes on 2 cores.
 
 1. build a raw image-text set from installed packages (twemoji PNGs + emoji names, 32x32 px);
-2. train a tiny VAE so latents decode to real pictures;
+2. train a tiny VAE with `sdtrain-train-vae experiment=vae_demo` (a fixed number of steps) so latents decode to
+   real pictures (DIR/vae_run: checkpoints, reconstruction grids, held-out PSNR/rFID, vae/ + latent statistics);
 3. encode the set into latent shards + manifest.json (moments, with measured scaling/shift, and each caption's
    hidden states from the real pretrained all-MiniLM-L6-v2 text model as text.npy);
 4. train the tiny U-Net with EMA (`experiment=demo`), writing checkpoints and sample grids;
@@ -19,21 +20,21 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
+from diffusers import AutoencoderKL
 from torchvision.utils import make_grid, save_image
 
 from sdtrain.checkpoint.format import LAST_NAME
-from sdtrain.demo.emoji_images import CaptionedImage, emoji_pairs, load_pixels
-from sdtrain.demo.vae_training import VAETrainConfig, encode_moments, latent_statistics, psnr, train_vae
+from sdtrain.demo.emoji_images import CaptionedImage, emoji_pairs, load_pixels, write_image_folder
 from sdtrain.evaluate.report import write_report
-from sdtrain.models.diffusers_parts import encoder_fingerprint
+from sdtrain.models.diffusers_parts import encoder_fingerprint, read_latent_statistics
 from sdtrain.prep.shard_writer import LatentSample, write_shards
 from sdtrain.seeding import numpy_rng
+from sdtrain.vae.metrics import encode_moments
 
 log = logging.getLogger("sdtrain.demo")
 FID_IMAGES = 200  # reference images = samples per evaluated checkpoint
@@ -73,15 +74,32 @@ def text_states(captions: list[str]) -> tuple[Callable[[str], np.ndarray], dict[
 
 def write_reference_images(pairs: list[CaptionedImage], pixels: np.ndarray, folder: str, count: int, seed: int) -> None:
     """`count` random images of the set as NNNN.png + NNNN.txt (caption): the FID reference for sdtrain-eval."""
-    os.makedirs(folder, exist_ok=True)
-    chosen = numpy_rng(seed).choice(len(pairs), size=min(count, len(pairs)), replace=False)
-    for i, index in enumerate(sorted(chosen)):
-        save_image((torch.from_numpy(pixels[index]) + 1) / 2, os.path.join(folder, f"{i:04d}.png"))
-        with open(os.path.join(folder, f"{i:04d}.txt"), "w", encoding="utf-8") as f:
-            f.write(pairs[index].caption)
+    chosen = sorted(numpy_rng(seed).choice(len(pairs), size=min(count, len(pairs)), replace=False))
+    write_image_folder([pairs[i] for i in chosen], pixels[chosen], folder, names="{index:04d}")
 
 
-def prepare(out: str, image_size: int, vae_seconds: float) -> tuple[str, str]:
+def train_demo_vae(out: str, image_size: int, steps: int | None, overrides: list[str]) -> str:
+    """Step 2 through the first-stage job (`sdtrain-train-vae experiment=vae_demo`); returns DIR/vae_run/vae."""
+    run_dir = os.path.abspath(os.path.join(out, "vae_run"))
+    cmd = [
+        sys.executable,
+        "-m",
+        "sdtrain.train_vae",
+        "experiment=vae_demo",
+        f"data.images={os.path.abspath(os.path.join(out, 'images'))}",
+        f"data.val_images={os.path.abspath(os.path.join(out, 'images_val'))}",
+        f"data.resolution={image_size}",
+        *([f"trainer.max_steps={steps}"] if steps else []),
+        f"hydra.run.dir={run_dir}",
+        *overrides,
+    ]
+    log.info("training the VAE: %s", " ".join(cmd))
+    if subprocess.call(cmd) != 0:
+        raise SystemExit("the VAE job failed (its log is above)")
+    return os.path.join(run_dir, "vae")
+
+
+def prepare(out: str, image_size: int, vae_steps: int | None, vae_overrides: list[str]) -> tuple[str, str]:
     """Steps 1-3; returns (vae folder, manifest path); the validation set is OUT/latents_val."""
     pairs = emoji_pairs()
     pixels = load_pixels(pairs, image_size)
@@ -90,29 +108,18 @@ def prepare(out: str, image_size: int, vae_seconds: float) -> tuple[str, str]:
     held_out = rng.choice(len(pairs), size=min(128, len(pairs) // 10), replace=False)
     train_mask = np.ones(len(pairs), bool)
     train_mask[held_out] = False
+    for folder, mask in (("images", train_mask), ("images_val", ~train_mask)):
+        chosen = [p for p, keep in zip(pairs, mask, strict=True) if keep]
+        write_image_folder(chosen, pixels[mask], os.path.join(out, folder))
 
-    t0 = time.perf_counter()
-    vae, losses = train_vae(pixels[train_mask], VAETrainConfig(max_seconds=vae_seconds))
-    with torch.no_grad():
-        x = torch.from_numpy(pixels[held_out])
-        recon = vae.decode(vae.encode(x).latent_dist.mean).sample
-        mean_image = x.mean(dim=0, keepdim=True).expand_as(x)
-    log.info(
-        "vae: %d steps in %.0fs, held-out PSNR %.2f dB (mean-image baseline %.2f dB)",
-        len(losses),
-        time.perf_counter() - t0,
-        psnr(recon, x),
-        psnr(mean_image, x),
-    )
-    vae_dir = os.path.join(out, "vae")
-    moments = encode_moments(vae, pixels)
-    scale, shift = latent_statistics(moments)
-    vae.register_to_config(scaling_factor=scale, shift_factor=None)
-    vae.save_pretrained(vae_dir)
+    vae_dir = train_demo_vae(out, image_size, vae_steps, vae_overrides)
+    vae = AutoencoderKL.from_pretrained(vae_dir, local_files_only=True).eval()
+    statistics = read_latent_statistics(vae_dir) or {}
+    moments = encode_moments(vae, torch.from_numpy(pixels)).numpy()
     vae_info = {
         "name": "sdtrain-demo-vae",
-        "scaling_factor": scale,
-        "shift_factor": shift,
+        "scaling_factor": vae.config.scaling_factor,
+        "shift_factor": statistics.get("shift_factor"),
         "latent_channels": moments.shape[1] // 2,
         "encoder_sha256": encoder_fingerprint(vae),
     }
@@ -145,14 +152,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
     parser.add_argument("--image-size", type=int, default=32)
-    parser.add_argument("--vae-seconds", type=float, default=150.0, help="VAE training time budget")
+    parser.add_argument(
+        "--vae-steps", type=int, default=None, help="VAE training steps (default: experiment=vae_demo's max_steps)"
+    )
+    parser.add_argument(
+        "--vae-override", action="append", default=[], help="a Hydra override for the VAE job (repeatable)"
+    )
     parser.add_argument("--skip-eval", action="store_true", help="no FID evaluation after training")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for the U-Net run, e.g. trainer.max_steps=200")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     os.makedirs(args.out, exist_ok=True)
-    vae_dir, manifest = prepare(args.out, args.image_size, args.vae_seconds)
+    vae_dir, manifest = prepare(args.out, args.image_size, args.vae_steps, args.vae_override)
     run_dir = os.path.abspath(os.path.join(args.out, "run"))
     cmd = [
         sys.executable,

@@ -54,3 +54,15 @@ def load_rgb(path: str, size: int, background: tuple[int, int, int] = (255, 255,
 
 def load_pixels(pairs: list[CaptionedImage], size: int) -> np.ndarray:
     return np.stack([load_rgb(p.path, size) for p in pairs])
+
+
+def write_image_folder(pairs: list[CaptionedImage], pixels: np.ndarray, folder: str, names: str = "{key}") -> None:
+    """Each image as FOLDER/NAME.png (lossless, at its loaded size) + NAME.txt (its caption): a folder that
+    `sdtrain-train-vae data.images=`, `sdtrain-encode` and `sdtrain-eval --real` read."""
+    os.makedirs(folder, exist_ok=True)
+    for i, (pair, image) in enumerate(zip(pairs, pixels, strict=True)):
+        name = names.format(key=pair.key, index=i)
+        rgb = np.clip(np.rint((image.transpose(1, 2, 0) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+        Image.fromarray(rgb).save(os.path.join(folder, f"{name}.png"))
+        with open(os.path.join(folder, f"{name}.txt"), "w", encoding="utf-8") as f:
+            f.write(pair.caption)

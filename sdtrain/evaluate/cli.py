@@ -27,9 +27,9 @@ from sdtrain.checkpoint.trained import load_trained
 from sdtrain.diffusion.sampling import SCHEDULERS, SamplingConfig
 from sdtrain.errors import ConfigError, command_line
 from sdtrain.evaluate.clip_score import ClipScorer
-from sdtrain.evaluate.fid import InceptionFeatures, fid
 from sdtrain.evaluate.images import mean_colour_images, read_image_folder
 from sdtrain.models.diffusers_parts import vae_scale_factor
+from sdtrain.models.inception import InceptionFeatures, fid
 from sdtrain.sample.cli import latent_shape_for, read_prompts, sample_images
 
 GRID = SamplingConfig()  # the CLI's sampling defaults are the training grids' (diffusion/sampling.py)

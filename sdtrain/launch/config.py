@@ -36,6 +36,10 @@ from sdtrain.launch.zero import ZeroConfig
 from sdtrain.models.builder import ModelConfig
 from sdtrain.training.callbacks.build import CallbacksConfig
 from sdtrain.training.optim import OptimConfig
+from sdtrain.vae.callbacks import VAECallbacksConfig
+from sdtrain.vae.data import ImageDataConfig
+from sdtrain.vae.losses import VAELossConfig
+from sdtrain.vae.module import AutoencoderModelConfig
 
 CONF_MODULE = "sdtrain.conf"
 
@@ -52,12 +56,14 @@ CONF_PATH = _conf_path()
 CONFIG_ERRORS = (HydraException, OmegaConfBaseException)
 
 # group -> (schema node name, dataclass): the presets in conf/GROUP/*.yaml start from these (`defaults: [_schema]`)
+# (the VAE job's `_images`, `_autoencoder`, `_vae` nodes sit in the same groups: conf/train_vae.yaml)
 SCHEMAS: dict[str, dict[str, type]] = {
-    "data": {"_schema": LatentDataConfig},
-    "model": {"_schema": ModelConfig},
+    "data": {"_schema": LatentDataConfig, "_images": ImageDataConfig},
+    "model": {"_schema": ModelConfig, "_autoencoder": AutoencoderModelConfig},
     "diffusion": {"_schema": DiffusionConfig},
+    "loss": {"_schema": VAELossConfig},
     "optim": {"_schema": OptimConfig},
-    "callbacks": {"_schema": CallbacksConfig},
+    "callbacks": {"_schema": CallbacksConfig, "_vae": VAECallbacksConfig},
     "strategy": {"_auto": AutoStrategyConfig, "_ddp": DDPConfig, "_deepspeed": ZeroConfig, "_fsdp": FSDPConfig},
 }
 
@@ -127,8 +133,9 @@ def to_plain(node: Any) -> Any:
     return node
 
 
-def compose_config(overrides: list[str]) -> DictConfig:
-    """The training config for `overrides`, composed as `sdtrain-train` would (planner, SLURM launcher, demo)."""
+def compose_config(overrides: list[str], config_name: str = "train") -> DictConfig:
+    """The training config for `overrides`, composed as `sdtrain-train` (or `sdtrain-train-vae` for
+    config_name="train_vae") would: planner, SLURM launcher, demo."""
     from hydra import compose, initialize_config_dir, initialize_config_module
 
     register_configs()
@@ -137,7 +144,7 @@ def compose_config(overrides: list[str]) -> DictConfig:
     else:
         context = initialize_config_dir(config_dir=CONF_PATH, version_base="1.3")
     with context:
-        return compose("train", overrides=overrides)
+        return compose(config_name, overrides=overrides)
 
 
 def one_line_config_errors() -> None:

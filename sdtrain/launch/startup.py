@@ -34,23 +34,28 @@ def quiet_known_noise() -> None:
         pass
 
 
-def _millions(module: Any) -> str:
+def millions(module: Any) -> str:
     return f"{sum(p.numel() for p in module.parameters()) / 1e6:,.1f}M"
 
 
-def start_header(
-    *, module: Any, shard_set: Any, data: Any, trainer: Any, strategy: str, ckpt_path: str | None, run_dir: str
-) -> list[str]:
-    """The lines rank 0 logs before the first step."""
+def unet_lines(module: Any, shard_set: Any, data: Any) -> list[str]:
+    """What `sdtrain-train` trains and on what."""
     unet = module.unet
     text = module.text_encoder
     text_name = type(getattr(text, "model", getattr(text, "tower", text))).__name__
-    lines = [
-        f"model: U-Net {_millions(unet)} trainable ({unet.config.cross_attention_dim}-d cross-attention), "
-        f"text encoder {text_name} {_millions(text)} frozen, VAE {_millions(module.vae)} frozen",
+    return [
+        f"model: U-Net {millions(unet)} trainable ({unet.config.cross_attention_dim}-d cross-attention), "
+        f"text encoder {text_name} {millions(text)} frozen, VAE {millions(module.vae)} frozen",
         f"data: {len(shard_set.shards)} shards, {shard_set.total_samples:,} samples, latents "
         f"{tuple(module.latent_shape)}, batch {data.batch_size}/rank, {data.num_workers} workers/rank"
         + (", pre-encoded text" if data.text_embeddings else ""),
+    ]
+
+
+def start_header(*, what: list[str], trainer: Any, strategy: str, ckpt_path: str | None, run_dir: str) -> list[str]:
+    """The lines rank 0 logs before the first step: `what` (model and data lines), then how and where."""
+    lines = [
+        *what,
         f"run: {trainer.world_size} rank(s) x {strategy} x {trainer.precision}, {trainer.max_steps} steps",
         f"resume: {ckpt_path}" if ckpt_path else "resume: none (a new run)",
         f"folder: {os.path.abspath(run_dir)}",

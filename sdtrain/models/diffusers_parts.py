@@ -4,6 +4,7 @@ How the U-Net runs (attention backend, checkpointing, compile) is models/unet_ru
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from sdtrain.errors import CheckpointError, ConfigError
 from sdtrain.models.pretrained import WeightsReader, load_matching, model_folder, read_weights, unet_state
 
 log = logging.getLogger(__name__)
+LATENT_STATISTICS = "latent_statistics.json"  # beside a VAE folder's config.json: its latents' mean/std per channel
 
 
 @dataclass(kw_only=True, slots=True)
@@ -78,6 +80,15 @@ def build_vae(cfg: VAEConfig, read: WeightsReader = read_weights) -> Autoencoder
             load_matching(vae, read(cfg.pretrained), cfg.pretrained, "model.vae")
     vae.requires_grad_(False)
     return vae.eval()
+
+
+def read_latent_statistics(vae_dir: str) -> dict[str, Any] | None:
+    """A VAE folder's `latent_statistics.json` (written by sdtrain-train-vae: sdtrain/vae/export.py), if any."""
+    path = os.path.join(vae_dir, LATENT_STATISTICS)
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
 
 
 def vae_scale_factor(vae: AutoencoderKL) -> int:

@@ -279,16 +279,18 @@ def merge(cfg: EncodeConfig, parts: list[InputPart]) -> dict[str, Any] | None:
     first_shape = [int(x) for x in shapes.most_common(1)[0][0].split("x")]
     from diffusers import AutoencoderKL
 
-    from sdtrain.models.diffusers_parts import encoder_fingerprint
+    from sdtrain.models.diffusers_parts import encoder_fingerprint, read_latent_statistics
 
     vae_config = AutoencoderKL.load_config(cfg.vae)
+    statistics = read_latent_statistics(cfg.vae)
     result = manifest(
         entries,
         latent_shape=first_shape,
         vae={
             "name": os.path.basename(os.path.normpath(cfg.vae)),
             "scaling_factor": vae_config.get("scaling_factor", SD_SCALING_FACTOR),
-            "shift_factor": vae_config.get("shift_factor"),
+            # per-channel means measured by sdtrain-train-vae (vae/export.py), else the config's (SD3: a number)
+            "shift_factor": (statistics or {}).get("shift_factor", vae_config.get("shift_factor")),
             "latent_channels": vae_config.get("latent_channels"),
             "encoder_sha256": encoder_fingerprint(AutoencoderKL.from_pretrained(cfg.vae, local_files_only=True)),
         },

@@ -188,11 +188,13 @@ def _iter_table(path: str, start: int, stop: int) -> Iterator[RawSample]:
     for i, row in enumerate(rows[start:stop], start=start):
         image_col = next((c for c in PATH_COLUMNS if c in row), None)
         caption_col = next((c for c in CAPTION_COLUMNS if c in row), None)
-        if image_col is None or caption_col is None:
-            raise DataError(f"table {path} needs a caption column {CAPTION_COLUMNS} and a path column {PATH_COLUMNS}")
+        if image_col is None:  # no caption column: captions count as missing (the VAE job needs none)
+            raise DataError(
+                f"table {path} needs an image path column {PATH_COLUMNS} (and a caption column {CAPTION_COLUMNS})"
+            )
         image_path = str(row[image_col])
         image = _read_optional(image_path if os.path.isabs(image_path) else os.path.join(folder, image_path))
-        caption = row[caption_col]
+        caption = row[caption_col] if caption_col is not None else None
         meta = {k: v for k, v in row.items() if k not in (image_col, caption_col) and _jsonable(v)}
         yield RawSample(f"{i:09d}", image, None if caption is None else str(caption).encode("utf-8"), meta)
 

@@ -9,6 +9,7 @@ FLOP/s = FLOPs per image x images/s. Attention FLOPs are included (torch counts 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -91,6 +92,21 @@ def training_flops_per_image(
         context_length,
     )
     return unet_flops + text_encoder_flops(text_encoder, context_length)
+
+
+def autoencoder_training_flops(config: dict[str, Any], resolution: int, train_encoder: bool = True) -> int:
+    """A diffusers AutoencoderKL's encode + decode for one square image, with the backward of what is trained
+    (decoder-only fine-tuning runs the encoder forward only), counted on the meta device."""
+    from diffusers import AutoencoderKL
+
+    with torch.device("meta"):
+        vae = AutoencoderKL.from_config(config)
+        images = torch.randn(1, config.get("in_channels", 3), resolution, resolution)
+        if train_encoder:
+            return count_flops(lambda: vae.decode(vae.encode(images).latent_dist.mode()).sample)
+        encode = count_flops(lambda: vae.encode(images).latent_dist.mode(), backward=False)
+        latents = torch.randn(1, config["latent_channels"], *vae.encode(images).latent_dist.mode().shape[-2:])
+        return encode + count_flops(lambda: vae.decode(latents).sample)
 
 
 def mfu(flops_per_image: float, images_per_second: float, peak: float | None) -> float | None:

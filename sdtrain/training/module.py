@@ -27,6 +27,7 @@ from sdtrain.diffusion.objective import DiffusionObjective
 from sdtrain.errors import CheckpointError
 from sdtrain.seeding import get_rng_state, set_rng_state, step_generator
 from sdtrain.training.log_steps import logs_this_step
+from sdtrain.training.metrics import training_flops_per_image
 from sdtrain.training.nonfinite import NonfiniteGuard
 from sdtrain.training.optim import OptimConfig, build_optimizer
 
@@ -66,6 +67,15 @@ class LatentDiffusionModule(L.LightningModule):
         self.run_metadata: dict[str, Any] = {}  # saved with checkpoints (e.g. the W&B run id)
         self._empty_context: torch.Tensor | None = None  # the frozen encoder's states for "", made once
         self.spec: dict[str, Any] = {}  # how to rebuild the model from the checkpoint alone (checkpoint/spec.py)
+
+    @property
+    def trained_model(self) -> nn.Module:
+        """What EMA follows."""
+        return self.unet
+
+    def training_flops_per_image(self) -> int:
+        """U-Net forward + backward and the frozen text encoder's forward, for MFU."""
+        return training_flops_per_image(self.unet, self.latent_shape, self.text_encoder, self.tokenizer.context_length)
 
     def forward(self, noisy: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         return self.unet(noisy, timesteps, encoder_hidden_states=context).sample

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR
@@ -56,17 +57,26 @@ def fused_supported(params: list[torch.nn.Parameter]) -> bool:
 
 
 def build_optimizer(
-    params: Iterable[torch.nn.Parameter], cfg: OptimConfig, max_steps: int, cpu_adam: bool = False
+    params: Iterable[torch.nn.Parameter] | Iterable[dict[str, Any]],
+    cfg: OptimConfig,
+    max_steps: int,
+    cpu_adam: bool = False,
 ) -> tuple[torch.optim.Optimizer, LambdaLR]:
     """AdamW and its schedule. `cpu_adam`: DeepSpeed's vectorised CPU AdamW (same math) for a ZeRO-Offload step."""
-    params = [p for p in params if p.requires_grad]
+    groups = list(params)
+    if groups and isinstance(groups[0], dict):  # parameter groups (e.g. the VAE job's discriminator at its own lr)
+        groups = [{**g, "params": [p for p in g["params"] if p.requires_grad]} for g in groups]
+        params = [p for g in groups for p in g["params"]]
+    else:
+        params = [p for p in groups if p.requires_grad]
+        groups = params
     hyper = dict(lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, eps=cfg.eps)
     if cpu_adam:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-        optimizer: torch.optim.Optimizer = DeepSpeedCPUAdam(params, adamw_mode=True, **hyper)
+        optimizer: torch.optim.Optimizer = DeepSpeedCPUAdam(groups, adamw_mode=True, **hyper)
     else:
         fused = fused_supported(params) if cfg.fused is None else cfg.fused
-        optimizer = torch.optim.AdamW(params, fused=fused or None, **hyper)
+        optimizer = torch.optim.AdamW(groups, fused=fused or None, **hyper)
     scheduler = LambdaLR(optimizer, lambda step: lr_multiplier(step, cfg, max_steps))
     return optimizer, scheduler

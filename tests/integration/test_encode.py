@@ -19,10 +19,10 @@ from sdtrain.data.loader import LatentDataConfig, LatentStream
 from sdtrain.data.normalizer import LatentNormalizer
 from sdtrain.data.shards import resolve_shards
 from sdtrain.demo.emoji_images import emoji_pairs, load_pixels
-from sdtrain.demo.vae_training import psnr
 from sdtrain.models.text_encoder import build_tokenizer
 from sdtrain.prep.doctor import main as doctor_main
 from sdtrain.prep.encode_cli import main as encode_main
+from sdtrain.vae.metrics import psnr
 
 pytestmark = pytest.mark.slow
 
@@ -188,8 +188,8 @@ def test_sigkill_then_rerun_equals_an_uninterrupted_run_and_ranks_are_disjoint(t
 def test_doctor_flags_unnormalised_pixels_and_broken_sets(tmp_path, vae_dir, capsys):
     from diffusers import AutoencoderKL
 
-    from sdtrain.demo.vae_training import encode_moments
     from sdtrain.prep.shard_writer import LatentSample, write_shards
+    from sdtrain.vae.metrics import encode_moments
 
     vae = AutoencoderKL.from_pretrained(vae_dir)
     pairs = emoji_pairs()[::11][:48]
@@ -199,7 +199,7 @@ def test_doctor_flags_unnormalised_pixels_and_broken_sets(tmp_path, vae_dir, cap
     scale = None
     for name, x in (("normalised", pixels), ("zero_one", (pixels + 1) / 2)):  # MLPerf's mistake: [0, 1] pixels
         with torch.no_grad():
-            moments = encode_moments(vae, x)
+            moments = encode_moments(vae, torch.from_numpy(x)).numpy()
         scale = scale or float(1.0 / moments[:, :4].std())
         samples = (LatentSample(f"{i:04d}", m, p.caption) for i, (p, m) in enumerate(zip(pairs, moments, strict=True)))
         write_shards(samples, str(tmp_path / name), samples_per_shard=16, vae={"scaling_factor": scale})

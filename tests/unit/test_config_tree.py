@@ -31,11 +31,23 @@ PRESETS = (
 )
 
 
-@pytest.mark.parametrize(("group", "name"), PRESETS)
-def test_every_preset_composes_into_its_dataclass(group, name):
-    cfg = compose_config([f"{group}={name}"])
-    for key in SCHEMAS:
+# the VAE job's (conf/train_vae.yaml): the same strategy presets, its own data/model/loss/callbacks
+VAE_PRESETS = [("model", "vae_tiny"), ("model", "vae_sd"), ("loss", "autoencoder_gan"), ("experiment", "vae_demo")]
+VAE_PRESETS += [("strategy", name) for name in ("ddp", "deepspeed_zero2")]
+GROUPS = {
+    "train": ("data", "model", "diffusion", "optim", "callbacks", "strategy"),
+    "train_vae": ("data", "model", "loss", "optim", "callbacks", "strategy"),
+}
+
+
+@pytest.mark.parametrize(
+    ("config", "group", "name"), [("train", *p) for p in PRESETS] + [("train_vae", *p) for p in VAE_PRESETS]
+)
+def test_every_preset_composes_into_its_dataclass(config, group, name):
+    cfg = compose_config([f"{group}={name}"], config_name=config)
+    for key in GROUPS[config]:
         assert dataclasses.is_dataclass(to_object(cfg[key], key))
+    assert set(GROUPS["train"]) | set(GROUPS["train_vae"]) == set(SCHEMAS)
 
 
 def _repeats(values: dict, schema: object, where: str) -> list[str]:

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from sdtrain.demo.emoji_images import emoji_pairs, load_pixels
 from sdtrain.errors import CheckpointError
 from sdtrain.evaluate.clip_score import ClipScorer
-from sdtrain.evaluate.fid import InceptionFeatures, fid, frechet_distance, trace_sqrt_product
 from sdtrain.evaluate.images import mean_colour_images, read_image_folder
+from sdtrain.models.inception import InceptionFeatures, fid, frechet_distance, trace_sqrt_product
 
 TINY_CLIP = {
     "embed_dim": 32,

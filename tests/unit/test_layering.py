@@ -15,12 +15,14 @@ RANK = {
     "diffusion": 4,
     "checkpoint": 5,
     "training": 6,
-    "launch": 7,
-    "sample": 8,
-    "export": 8,
-    "evaluate": 9,  # samples through sample/, reads reference images through prep/
-    "demo": 10,
-    "train": 11,  # the `python -m sdtrain.train` entry point
+    "vae": 7,  # the first stage's job: raw images through prep/, the U-Net job's callbacks and metrics
+    "launch": 8,
+    "sample": 9,
+    "export": 9,
+    "evaluate": 10,  # samples through sample/, reads reference images through prep/
+    "demo": 11,
+    "train": 12,  # the `python -m sdtrain.train` entry point
+    "train_vae": 12,
 }
 
 

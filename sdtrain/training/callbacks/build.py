@@ -22,14 +22,11 @@ from sdtrain.training.callbacks.validation import FixedTimestepValidation, Valid
 
 
 @dataclass(kw_only=True, slots=True)
-class CallbacksConfig:
+class BaseCallbacksConfig:
+    """What every sdtrain job has (the U-Net's and the VAE's): checkpoints, EMA, SLURM requeue, progress, MFU."""
+
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
-    samples: SampleScheduleConfig = field(default_factory=SampleScheduleConfig)
-    """When sample grids are drawn; what they show is `sampling`."""
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    validation: ValidationConfig = field(default_factory=ValidationConfig)
-    """Fixed-timestep validation loss on data.val_shards (val/loss, val/loss_tNNN)."""
     preemption: PreemptionConfig = field(default_factory=PreemptionConfig)
     progress: ProgressConfig = field(default_factory=ProgressConfig)
     """Progress lines in job logs (no terminal) or the progress bar (a terminal)."""
@@ -37,11 +34,18 @@ class CallbacksConfig:
     """Accelerator peak FLOP/s for MFU; null = looked up by device name (H100, A100, ...)."""
 
 
-def build_callbacks(
-    cfg: CallbacksConfig, run_dir: str, *, val_shards: object, latent_key: str, progress_bar: bool = True
-) -> list[L.Callback]:
-    """The run's callbacks; `val_shards` is data.val_shards (the held-out set callbacks.validation needs);
-    `progress_bar` is false when the trainer draws none (trainer.enable_progress_bar=false)."""
+@dataclass(kw_only=True, slots=True)
+class CallbacksConfig(BaseCallbacksConfig):
+    samples: SampleScheduleConfig = field(default_factory=SampleScheduleConfig)
+    """When sample grids are drawn; what they show is `sampling`."""
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    """Fixed-timestep validation loss on data.val_shards (val/loss, val/loss_tNNN)."""
+
+
+def base_callbacks(cfg: BaseCallbacksConfig, run_dir: str, *, progress_bar: bool = True) -> list[L.Callback]:
+    """Checkpoints, throughput/MFU, progress, SLURM requeue and EMA; `progress_bar` is false when the trainer
+    draws none (trainer.enable_progress_bar=false)."""
     callbacks: list[L.Callback] = [
         run_checkpoint(cfg.checkpoint, run_dir),
         ThroughputCallback(peak_flops_override=cfg.peak_flops),
@@ -56,6 +60,14 @@ def build_callbacks(
         callbacks.append(RequeueOnSignal(ckpt_path=last, signal_name=cfg.preemption.signal, requeue=requeue))
     if cfg.ema.enabled:
         callbacks.append(EMACallback(cfg.ema))
+    return callbacks
+
+
+def build_callbacks(
+    cfg: CallbacksConfig, run_dir: str, *, val_shards: object, latent_key: str, progress_bar: bool = True
+) -> list[L.Callback]:
+    """The U-Net run's callbacks; `val_shards` is data.val_shards (the held-out set callbacks.validation needs)."""
+    callbacks = base_callbacks(cfg, run_dir, progress_bar=progress_bar)
     if cfg.validation.every_n_steps > 0:
         if val_shards is None:
             raise ConfigError("callbacks.validation.every_n_steps > 0 needs data.val_shards (a held-out shard set)")

@@ -44,7 +44,7 @@ class EMACallback(L.Callback):
         return EMA_STATE_KEY  # where checkpoints keep the EMA weights (checkpoint/format.py)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.ema = EMAWeights(pl_module.unet)
+        self.ema = EMAWeights(pl_module.trained_model)  # the U-Net, or the VAE job's autoencoder
         self._last_step = trainer.global_step
         if self._pending is not None:
             self._restore(self._pending)

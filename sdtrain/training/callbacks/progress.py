@@ -117,7 +117,7 @@ class ProgressLog(L.Callback):
             loss = loss.detach().float()
             self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
             self._steps += 1
-        self._images += int(batch["latents"].shape[0])
+        self._images += len(batch["keys"])
         step = trainer.global_step
         by_steps = self.cfg.every_n_steps > 0 and step % self.cfg.every_n_steps == 0
         by_time = self.cfg.every_seconds > 0 and now - self._last_line >= self.cfg.every_seconds

