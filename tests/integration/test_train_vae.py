@@ -1,6 +1,6 @@
 """`sdtrain-train-vae`: the first stage as a training job.
 
-- the session's 300-step run (conftest `vae_run`) learns (held-out PSNR up, rFID down, above the mean-image
+- the session's 500-step run (conftest `vae_run`) learns (held-out PSNR up, rFID down, above the mean-image
   baseline), draws reconstruction grids, and writes DIR/vae/ whose latent statistics are what its VAE gives and
   which `sdtrain-encode --vae DIR/vae` copies into the manifest;
 - one training step equals a bare PyTorch loop (L1 + KL + perceptual + patch-GAN, one AdamW over both nets);
@@ -37,10 +37,10 @@ def _metric(run, name):
 
 def test_the_job_learns_and_writes_a_vae_folder_sdtrain_encode_takes(vae_run, emoji_folders, tmp_path):
     psnrs, rfids = _metric(vae_run, "val/psnr"), _metric(vae_run, "val/rfid")
-    assert sorted(psnrs) == [150, 300] and sorted(rfids) == [150, 300]
-    assert psnrs[300] > psnrs[150] + 0.5, psnrs
-    assert rfids[300] < rfids[150], rfids
-    assert (vae_run / "reconstructions" / "step_000300.png").exists()
+    assert sorted(psnrs) == [250, 500] and sorted(rfids) == [250, 500]
+    assert psnrs[500] > psnrs[250] + 0.5, psnrs
+    assert rfids[500] < rfids[250], rfids
+    assert (vae_run / "reconstructions" / "step_000500.png").exists()
     assert (vae_run / "checkpoints" / "last.ckpt").exists()
 
     vae = AutoencoderKL.from_pretrained(vae_run / "vae")  # a plain diffusers folder
