@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import functools
+import io
+import json
 import os
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import numpy as np
 
-from sdtrain.prep.shard_writer import LatentSample, write_shards
+from sdtrain.prep.shard_writer import LatentSample, npy_bytes, write_shards
 
 REPO = Path(__file__).resolve().parents[1]
 CAPTIONS = ["grinning face", "red apple", "blue car", "green tree", "yellow sun", "black cat", "white cloud"]
@@ -177,3 +181,65 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _add_member(tar, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def mixed_shape_dataset(root: Path, shards: int = 5, per_shard: int = 23, bad_every: int = 11) -> Path:
+    """Shards of two latent shapes (8x8 and 8x4 moments, aspect buckets) with every `bad_every`-th sample lacking
+    its caption (0: none)."""
+    entries = []
+    for s in range(shards):
+        with tarfile.open(root / f"{s:06d}.tar", "w") as tar:
+            for i in range(per_shard):
+                n = s * per_shard + i
+                shape = (8, 8, 8) if n % 3 else (8, 8, 4)
+                _add_member(tar, f"k{n:05d}.moments.npy", npy_bytes(np.full(shape, n % 251, np.float16)))
+                if not bad_every or n % bad_every != 5:
+                    _add_member(tar, f"k{n:05d}.txt", f"sample {n}".encode())
+        entries.append({"url": f"{s:06d}.tar", "num_samples": per_shard})
+    (root / "manifest.json").write_text(json.dumps({"format": "sdtrain-latents", "shards": entries}))
+    return root / "manifest.json"
+
+
+@functools.cache
+def _tokenizer():
+    from sdtrain.models.text_encoder import build_tokenizer
+
+    return build_tokenizer()
+
+
+def latent_stream(spec, *, rank=0, world=1, seed=7, start_batch=0, resume_positions=None, transition=None, **cfg):
+    """A LatentStream over `spec` as a rank of `world` would build it (tiny test defaults: batch 4, 2 workers,
+    shuffle buffer 8); `cfg` overrides LatentDataConfig fields."""
+    from sdtrain.data.loader import LatentDataConfig, LatentStream
+    from sdtrain.data.normalizer import LatentNormalizer
+    from sdtrain.data.shards import resolve_shards
+
+    options = {"batch_size": 4, "num_workers": 2, "shuffle_buffer": 8, **cfg}
+    return LatentStream(
+        resolve_shards(str(spec)),
+        LatentDataConfig(shards=str(spec), **options),
+        _tokenizer(),
+        latent_channels=4,
+        normalizer=LatentNormalizer(),
+        rank=rank,
+        world_size=world,
+        seed=seed,
+        start_batch=start_batch,
+        resume_positions=resume_positions,
+        transition=transition,
+    )
+
+
+def take_batches(stream, n: int) -> list:
+    """The first n batches of a stream through its real DataLoader (workers and all)."""
+    from itertools import islice
+
+    from sdtrain.data.loader import build_dataloader
+
+    return list(islice(iter(build_dataloader(stream)), n))

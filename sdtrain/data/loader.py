@@ -8,20 +8,21 @@ Everything random is seeded by (seed, epoch, slot, batch index), so a resumed ru
 from __future__ import annotations
 
 import logging
-import random
 import signal
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from itertools import count, islice
+from functools import partial
+from itertools import count
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from sdtrain.data.elastic import StreamLayout, Transition
 from sdtrain.data.normalizer import LatentNormalizer
-from sdtrain.data.partition import EpochPlan, SlotPlan, consumed_per_worker, plan_epoch
+from sdtrain.data.partition import EpochPlan, SlotPlan, batches_per_slot, consumed_per_worker, plan_epoch
 from sdtrain.data.samples import (
     LatentField,
     SampleError,
@@ -32,7 +33,8 @@ from sdtrain.data.samples import (
     decode_text,
     posterior_sample,
 )
-from sdtrain.data.shards import ShardSet, iter_raw_samples
+from sdtrain.data.shards import ShardSet, iter_shard_samples
+from sdtrain.data.slot_pass import Raw, Reported, ShuffleOrder, StreamPosition, ordered_pass, read_window
 from sdtrain.errors import DataError
 from sdtrain.seeding import python_rng, seeded_generator
 
@@ -105,6 +107,8 @@ class LatentStream(IterableDataset):
         world_size: int = 1,
         seed: int = 0,
         start_batch: int = 0,
+        resume_positions: dict[int, dict[str, Any]] | None = None,
+        transition: Transition | None = None,
         inpainting: bool = False,
         masked_loss: bool = False,
     ) -> None:
@@ -119,12 +123,35 @@ class LatentStream(IterableDataset):
         self.world_size = world_size
         self.seed = seed
         self.start_batch = start_batch  # batches this rank already consumed (resume)
+        # where each worker role stood after its last consumed batch (checkpointed by LatentDataModule)
+        self.resume_positions = {int(k): StreamPosition.from_dict(v) for k, v in (resume_positions or {}).items()}
+        # after a world-size change: the epoch it happened in is planned from what it still owed (elastic.py),
+        # and start_batch counts from there
+        self.transition = transition
         self.workers = max(1, cfg.num_workers)
         self.total_bad = 0  # per worker process and epoch, for the bad-sample rate check
         self.errors: list[str] = []  # shard-level problems (unreadable, truncated), already logged
         self.skipped: Counter[str] = Counter()  # reasons since the last batch; sent along with the next one
 
+    def layout(self, accumulate: int = 1) -> StreamLayout:
+        """What this stream's sample order depends on besides the data (kept with checkpointed positions)."""
+        cfg = self.cfg
+        return StreamLayout(
+            world_size=self.world_size,
+            workers=self.workers,
+            batch_size=cfg.batch_size,
+            accumulate=accumulate,
+            shuffle_buffer=cfg.shuffle_buffer,
+            shuffle=cfg.shuffle,
+            seed=self.seed,
+            total_samples=self.shard_set.total_samples,
+        )
+
     def plan(self, epoch: int) -> EpochPlan:
+        if self.transition is not None and epoch == self.transition.epoch:
+            plan = self.transition.plan(self.world_size * self.workers, self.cfg.batch_size)
+            if plan is not None:
+                return plan
         return plan_epoch(
             self.shard_set.sample_counts,
             world_size=self.world_size,
@@ -135,55 +162,101 @@ class LatentStream(IterableDataset):
             shuffle=self.cfg.shuffle,
         )
 
+    def _epochs(self) -> tuple[int, int, int]:
+        """(first epoch of this stream, its batches per slot, batches per slot of a full epoch)."""
+        slots = self.world_size * self.workers
+        full = batches_per_slot(self.shard_set.total_samples, slots, self.cfg.batch_size)
+        if self.transition is None:
+            return 0, full, full
+        first = self.transition.plan(slots, self.cfg.batch_size)
+        return self.transition.epoch, first.batches_per_slot if first is not None else 0, full
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         physical = info.id if info is not None else 0
         # The DataLoader restarts its round-robin at worker 0; rotating roles keeps a resumed stream identical.
         worker = (physical + self.start_batch) % self.workers
         done = consumed_per_worker(self.start_batch, self.workers)[worker]
-        per_slot = self.plan(0).batches_per_slot
-        epoch, skip_batches = divmod(done, per_slot)
+        first, first_batches, per_slot = self._epochs()
+        lengths = lambda epoch: first_batches if epoch == first else per_slot  # noqa: E731
+        if done < first_batches:
+            epoch, skip_batches = first, done
+        else:
+            epoch, skip_batches = first + 1 + (done - first_batches) // per_slot, (done - first_batches) % per_slot
+        position = self.resume_positions.get(worker)
+        if position is not None:  # flat-cost resume: start where it stood, reading only the shuffle window
+            before = 0 if position.epoch == first else first_batches + (position.epoch - first - 1) * per_slot
+            if before + position.emitted != done:
+                raise DataError(
+                    f"the checkpoint's data position of worker {worker} ({position.emitted} batches into epoch "
+                    f"{position.epoch}) disagrees with the {done} batches it produced: the checkpoint is damaged"
+                )
+            epoch, skip_batches = position.epoch, 0
+            if position.emitted == lengths(epoch):
+                epoch, position = epoch + 1, None
         while True:
-            yield from self._epoch_batches(epoch, worker, skip_batches)
-            epoch, skip_batches = epoch + 1, 0
+            if lengths(epoch):
+                yield from self._epoch_batches(epoch, worker, skip_batches, position)
+            epoch, skip_batches, position = epoch + 1, 0, None
 
     # -- one slot, one epoch ----------------------------------------------------------------------------------
-    def _epoch_batches(self, epoch: int, worker: int, skip_batches: int) -> Iterator[dict[str, Any]]:
+    def _epoch_batches(
+        self, epoch: int, worker: int, skip_batches: int, start: StreamPosition | None
+    ) -> Iterator[dict[str, Any]]:
         plan = self.plan(epoch)
         slot = self.rank * self.workers + worker
-        samples = self._shuffled(plan.slots[slot], epoch, slot)
+        slot_plan = plan.slots[slot]
         # Samples are grouped by latent shape (aspect buckets): a batch holds one shape. With one shape this is
-        # plain consecutive batching. The first `skip_batches` batches are replayed (read, checked, grouped, not
-        # sampled, tokenised or collated), so the shuffle buffer and skips line up with the first run; the
-        # posterior draw and caption dropout of batch k come from a generator seeded by (seed, epoch, slot, k).
-        groups: dict[tuple[Any, ...], list[Pending]] = defaultdict(list)
-        emitted, reads = 0, 0
-        self.total_bad = 0
+        # plain consecutive batching. From a StreamPosition the pass starts where it stood and the samples that
+        # waited in the buckets are read again. Without one (a checkpoint from before positions were kept) the
+        # first `skip_batches` batches are replayed (read, checked, grouped, not sampled, tokenised or
+        # collated). The posterior draw and caption dropout of batch k come from a generator seeded by
+        # (seed, epoch, slot, k), so both ways continue bit for bit.
+        groups: dict[tuple[Any, ...], list[tuple[int, Pending]]] = defaultdict(list)
+        emitted, reads, self.total_bad = 0, 0, 0
+        samples = self._shuffled(slot_plan, epoch, slot, start)
+        if start is not None:
+            emitted, reads, self.total_bad = start.emitted, start.epoch_reads, start.epoch_bad
+            for number, raw in self._reread(slot_plan, start.pending):
+                pending = self._checked(raw)
+                groups[pending[0]].append((number, pending[1]))
         while emitted < plan.batches_per_slot:
-            raw = next(samples)
+            cycle, order, number, raw = next(samples)
+            if raw is None:  # its shard went missing or was cut short: the reader counted and reported it
+                continue
             reads += 1
             try:
-                field = self._field(raw)
-                latent = checked_latent(raw, field, self.latent_channels)
-                caption = decode_caption(raw)
-                text = decode_text(raw) if self.cfg.text_embeddings else None
-                inpaint = checked_inpainting(raw, latent.shape) if self.inpainting else None
-                loss_mask = decode_loss_mask(raw, latent.shape[-2:]) if self.masked_loss else None
+                group_key, pending = self._checked(raw)
             except SampleError as exc:
                 if emitted >= skip_batches:  # replayed skips were counted and logged by the first run
                     self.skipped[exc.reason] += 1
                     self._check_skip_rate(reads, raw, exc)
                 continue
-            group = groups[(field.kind, latent.shape)]
-            group.append(Pending(latent, caption, raw["__key__"], text, inpaint, loss_mask))
+            group = groups[group_key]
+            group.append((number, pending))
             if len(group) == self.cfg.batch_size:
-                groups[(field.kind, latent.shape)] = []
+                groups[group_key] = []
                 emitted += 1
                 if emitted > skip_batches:
-                    yield self._collate(group, field.kind, seeded_generator(self.seed, epoch, slot, emitted))
+                    generator = seeded_generator(self.seed, epoch, slot, emitted)
+                    batch = self._collate([p for _, p in group], group_key[0], generator)
+                    waiting = tuple(number for g in groups.values() for number, _ in g)
+                    after = StreamPosition(epoch, emitted, cycle, order.state(), waiting, reads, self.total_bad, worker)
+                    batch["position"] = Reported(after)
+                    yield batch
 
     def _field(self, raw: dict[str, Any]) -> LatentField:
         return LatentField.detect(raw, self.cfg.latent_key)
+
+    def _checked(self, raw: Raw) -> tuple[tuple[Any, ...], Pending]:
+        """(bucket, sample) of a raw sample that passes every check; SampleError names what is wrong."""
+        field = self._field(raw)
+        latent = checked_latent(raw, field, self.latent_channels)
+        caption = decode_caption(raw)
+        text = decode_text(raw) if self.cfg.text_embeddings else None
+        inpaint = checked_inpainting(raw, latent.shape) if self.inpainting else None
+        loss_mask = decode_loss_mask(raw, latent.shape[-2:]) if self.masked_loss else None
+        return (field.kind, latent.shape), Pending(latent, caption, raw["__key__"], text, inpaint, loss_mask)
 
     def _check_skip_rate(self, reads: int, raw: dict[str, Any], exc: SampleError) -> None:
         log.warning("skipping sample %s in %s: %s", raw.get("__key__"), raw.get("__url__"), exc)
@@ -219,48 +292,67 @@ class LatentStream(IterableDataset):
         masked = self.normalizer.normalize_(posterior_sample(moments, "moments", generator))
         return {"mask": torch.from_numpy(masks.astype(np.float32)), "masked_latents": masked}
 
-    def _one_pass(self, slot_plan: SlotPlan) -> Iterator[dict[str, Any]]:
-        """The slot's own samples, once, in reading order (the parts of shards the epoch plan gave it)."""
+    def _read_source(
+        self, slot_plan: SlotPlan, begin: int, wanted: Callable[[int], bool] | None
+    ) -> Iterator[tuple[int, Raw]]:
+        """(source number, raw) of the slot's samples from `begin` on, in file order (the parts of shards the
+        epoch plan gave it); with `wanted`, only those numbers. Samples before a part's start are seeked past."""
+        offset = 0
         for part in slot_plan.ranges:
+            length = part.stop - part.start
+            if offset + length <= begin:
+                offset += length
+                continue
             url = self.shard_set.shards[part.shard].url
-            for raw in islice(iter_raw_samples(url, self._shard_error), part.start, part.stop):
+            base, first = offset - part.start, part.start + max(0, begin - offset)
+            take = None
+            if first > 0 or wanted is not None:
+
+                def take(ordinal: int, base: int = base, first: int = first) -> bool:
+                    return ordinal >= first and (wanted is None or wanted(base + ordinal))
+
+            for ordinal, raw in iter_shard_samples(url, self._shard_error, take, stop=part.stop):
                 raw["__url__"] = url
-                yield raw
+                yield base + ordinal, raw
+            offset += length
 
     def _shard_error(self, reason: str) -> None:
         log.warning("%s", reason)
         self.errors.append(reason)
         self.skipped["shard_error"] += 1
 
-    def _shuffled(self, slot_plan: SlotPlan, epoch: int, slot: int) -> Iterator[dict[str, Any]]:
-        """One shuffled pass over the slot's samples, then more passes if the slot must pad (see plan.py).
+    def _shuffled(
+        self, slot_plan: SlotPlan, epoch: int, slot: int, start: StreamPosition | None
+    ) -> Iterator[tuple[int, ShuffleOrder, int, Raw | None]]:
+        """(cycle, order, source number, raw) of one shuffled pass over the slot's samples, then more passes if
+        the slot must pad; from `start` on where given (see slot_pass.py). `order` is the pass's ShuffleOrder,
+        whose state() is the position right after this sample.
 
         The buffer drains at the end of each pass, so a pass never mixes with the next: no sample is seen twice
         before every sample of the slot was seen once.
         """
         size = self.cfg.shuffle_buffer if self.cfg.shuffle else 0
-        for cycle in count():
-            rng = python_rng(self.seed, epoch, slot, cycle)
-            yielded = 0
-            for raw in shuffle_buffer(self._one_pass(slot_plan), size, rng):
-                yielded += 1
-                yield raw
-            if yielded == 0:
+        read = partial(self._read_source, slot_plan)
+        first_cycle = start.cycle if start is not None else 0
+        for cycle in count(first_cycle):
+            resumed = start if cycle == first_cycle else None
+            state = resumed.order if resumed is not None else None
+            order = ShuffleOrder(slot_plan.num_samples, size, python_rng(self.seed, epoch, slot, cycle), state)
+            window = read_window(read, set(order.buffer)) if resumed is not None else {}
+            found = 0
+            for number, raw in ordered_pass(read, order, window, order.next if resumed is not None else 0):
+                found += raw is not None
+                yield cycle, order, number, raw
+            if found == 0 and resumed is None:
                 raise DataError(f"no readable samples in this worker's shards ({'; '.join(self.errors[:3])})")
 
-
-def shuffle_buffer(source: Iterator[dict[str, Any]], size: int, rng: random.Random) -> Iterator[dict[str, Any]]:
-    """webdataset-style buffered shuffle of a finite stream; drains the buffer at the end."""
-    if size <= 1:
-        yield from source
-        return
-    buffer = list(islice(source, size))
-    for raw in source:
-        i = rng.randrange(len(buffer))
-        buffer[i], raw = raw, buffer[i]
-        yield raw
-    rng.shuffle(buffer)
-    yield from buffer
+    def _reread(self, slot_plan: SlotPlan, numbers: tuple[int, ...]) -> Iterator[tuple[int, Raw]]:
+        """The samples that waited in the buckets at a resume point, read again (they passed the checks once)."""
+        found = read_window(partial(self._read_source, slot_plan), set(numbers))
+        for number in numbers:
+            if number not in found:
+                raise DataError(f"sample {number} of this worker's shards is gone since the checkpoint was written")
+            yield number, found[number]
 
 
 def leave_termination_to_the_parent(worker_id: int) -> None:

@@ -74,23 +74,33 @@ def plan_epoch(
     shuffle: bool = True,
 ) -> EpochPlan:
     """The plan for one epoch; the same on every rank for the same arguments."""
-    num_slots = world_size * max(1, workers_per_rank)
     counts = np.asarray(sample_counts, dtype=np.int64)
-    per_slot_batches = batches_per_slot(int(counts.sum()), num_slots, batch_size)
-    per_slot = per_slot_batches * batch_size
     order = shard_order(len(counts), seed, epoch, shuffle)
-    ends = np.cumsum(counts[order])  # end offset of each ordered shard in the concatenated sample sequence
-    starts = ends - counts[order]
+    return cut_into_slots(
+        order, np.zeros(len(order), np.int64), counts[order], world_size * max(1, workers_per_rank), batch_size
+    )
+
+
+def cut_into_slots(
+    shards: np.ndarray, starts: np.ndarray, stops: np.ndarray, num_slots: int, batch_size: int
+) -> EpochPlan:
+    """Cut the runs of samples (shards[i], starts[i]..stops[i]), concatenated in this order, into `num_slots`
+    consecutive parts of batches_per_slot * batch_size samples; the tail (less than one global batch) is left."""
+    lengths = np.asarray(stops, np.int64) - np.asarray(starts, np.int64)
+    per_slot_batches = batches_per_slot(int(lengths.sum()), num_slots, batch_size)
+    per_slot = per_slot_batches * batch_size
+    ends = np.cumsum(lengths)  # end offset of each run in the concatenated sample sequence
+    begins = ends - lengths
     slots = []
     for slot in range(num_slots):
         lo, hi = slot * per_slot, (slot + 1) * per_slot
-        first = int(np.searchsorted(ends, lo, side="right"))  # the shard holding sample `lo`
+        i = int(np.searchsorted(ends, lo, side="right"))  # the run holding sample `lo`
         ranges = []
-        i = first
-        while i < len(order) and starts[i] < hi:
-            begin, end = max(lo, int(starts[i])), min(hi, int(ends[i]))
+        while i < len(lengths) and begins[i] < hi:
+            begin, end = max(lo, int(begins[i])), min(hi, int(ends[i]))
             if end > begin:
-                ranges.append(ShardRange(int(order[i]), begin - int(starts[i]), end - int(starts[i])))
+                offset = int(starts[i]) - int(begins[i])
+                ranges.append(ShardRange(int(shards[i]), begin + offset, end + offset))
             i += 1
         slots.append(SlotPlan(tuple(ranges)))
     return EpochPlan(tuple(slots), per_slot_batches)

@@ -19,7 +19,7 @@ import braceexpand
 from webdataset.gopen import gopen
 from webdataset.tariterators import tar_file_iterator
 
-from sdtrain.data.tar_reader import group_members, iter_samples, split_member
+from sdtrain.data.tar_reader import group_members, iter_samples, iter_wanted_samples, split_member
 from sdtrain.errors import DataError
 
 MANIFEST_NAME = "manifest.json"
@@ -137,6 +137,17 @@ def iter_raw_samples(url: str, on_error: Callable[[str], None]) -> Iterator[dict
     A shard that cannot be opened or is truncated ends early; `on_error(reason)` is told why, once.
     Uncompressed tars take the lean reader (data/tar_reader.py); compressed ones webdataset's tarfile path.
     """
+    return (raw for _, raw in iter_shard_samples(url, on_error))
+
+
+def iter_shard_samples(
+    url: str,
+    on_error: Callable[[str], None],
+    wanted: Callable[[int], bool] | None = None,
+    stop: int | None = None,
+) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(ordinal, raw sample) of one shard, as iter_raw_samples, up to ordinal `stop`; with `wanted`, only the
+    ordinals it accepts (an uncompressed local tar then reads the others' headers only)."""
     try:
         stream = gopen(url, "rb")
     except Exception as exc:  # noqa: BLE001 - any opener failure is one counted, reported skip
@@ -145,9 +156,15 @@ def iter_raw_samples(url: str, on_error: Callable[[str], None]) -> Iterator[dict
     try:
         head = stream.peek(2)[:2] if hasattr(stream, "peek") else b""
         if head and head not in COMPRESSED_MAGIC:
-            yield from iter_samples(stream, url)
+            samples = iter_wanted_samples(stream, url, wanted) if wanted else enumerate(iter_samples(stream, url))
         else:
-            yield from group_members(((f["fname"], f["data"]) for f in tar_file_iterator(stream)), url)
+            members = ((f["fname"], f["data"]) for f in tar_file_iterator(stream))
+            samples = enumerate(group_members(members, url))
+        for ordinal, raw in samples:
+            if stop is not None and ordinal >= stop:
+                break
+            if wanted is None or wanted(ordinal):
+                yield ordinal, raw
     except Exception as exc:  # noqa: BLE001 - truncated/corrupt tar: keep what was read, report the rest
         on_error(f"shard {url} is truncated or corrupt: {type(exc).__name__}: {exc}")
     finally:

@@ -9,8 +9,9 @@ the samples read so far. Compressed shards go through webdataset's general path 
 
 from __future__ import annotations
 
+import os
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, BinaryIO
 
 BLOCK = 512
@@ -49,9 +50,14 @@ def _pax_path(data: bytes) -> bytes | None:
     return path
 
 
-def iter_members(stream: BinaryIO) -> Iterator[tuple[str, bytes]]:
-    """(name, data) of the regular files in an uncompressed tar stream, in order."""
+def iter_members(stream: BinaryIO, skip: Callable[[str], bool] | None = None) -> Iterator[tuple[str, bytes | None]]:
+    """(name, data) of the regular files in an uncompressed tar stream, in order.
+
+    Members whose name `skip` accepts come as (name, None): their payload is seeked past where the stream can
+    seek (a resumed loader reads the headers of the samples it does not need, not their data)."""
     read = stream.read
+    seekable = skip is not None and stream.seekable()
+    end = os.fstat(stream.fileno()).st_size if seekable and hasattr(stream, "fileno") else None
     long_name: bytes | None = None
     while True:
         header = read(BLOCK)
@@ -63,26 +69,33 @@ def iter_members(stream: BinaryIO) -> Iterator[tuple[str, bytes]]:
             raise TarDamage("header checksum mismatch")
         size = _number(header[124:136])
         padded = (size + BLOCK - 1) // BLOCK * BLOCK
-        payload = read(padded)
-        if len(payload) < padded:
-            raise TarDamage("truncated member")
         kind = header[156:157]
-        if kind == b"L":  # GNU long name for the next member
-            long_name = payload[:size].rstrip(b"\0")
-            continue
-        if kind == b"x":  # PAX extended header for the next member
-            long_name = _pax_path(payload[:size]) or long_name
+        if kind in (b"L", b"x"):  # GNU long name / PAX extended header for the next member
+            payload = read(padded)
+            if len(payload) < padded:
+                raise TarDamage("truncated member")
+            long_name = payload[:size].rstrip(b"\0") if kind == b"L" else _pax_path(payload[:size]) or long_name
             continue
         name = long_name
         long_name = None
-        if kind not in REGULAR:
-            continue
         if name is None:
             name = header[:100].split(b"\0", 1)[0]
             if header[257:263] == b"ustar\0":  # POSIX: a prefix field may hold the leading directories
                 prefix = header[345:500].split(b"\0", 1)[0]
                 name = prefix + b"/" + name if prefix else name
-        yield name.decode("utf-8", "surrogateescape"), payload[:size]
+        text = name.decode("utf-8", "surrogateescape")
+        skipped = kind in REGULAR and skip is not None and skip(text)
+        if seekable and (skipped or kind not in REGULAR):
+            if end is not None and stream.tell() + padded > end:
+                raise TarDamage("truncated member")
+            stream.seek(padded, 1)
+            payload = b""
+        else:
+            payload = read(padded)
+            if len(payload) < padded:
+                raise TarDamage("truncated member")
+        if kind in REGULAR:
+            yield text, None if skipped else payload[:size]
 
 
 def split_member(name: str) -> tuple[str, str] | None:
@@ -97,8 +110,9 @@ def split_member(name: str) -> tuple[str, str] | None:
     return match.group(1), match.group(2).lower()
 
 
-def group_members(members: Iterable[tuple[str, bytes]], url: str) -> Iterator[dict[str, Any]]:
-    """Samples as dicts {"__key__", "__url__", ext: bytes}, consecutive members with one key grouped."""
+def group_members(members: Iterable[tuple[str, bytes | None]], url: str) -> Iterator[dict[str, Any]]:
+    """Samples as dicts {"__key__", "__url__", ext: bytes}, consecutive members with one key grouped (the data of
+    skipped members is None)."""
     current: dict[str, Any] | None = None
     for name, data in members:
         split = split_member(name)
@@ -116,6 +130,32 @@ def group_members(members: Iterable[tuple[str, bytes]], url: str) -> Iterator[di
         yield current
 
 
+class SampleOrdinals:
+    """`skip` for iter_members that keeps the samples whose ordinal (position in the tar) `wanted` accepts: it
+    numbers samples by the same key rule as group_members."""
+
+    def __init__(self, wanted: Callable[[int], bool]) -> None:
+        self.wanted = wanted
+        self.key: str | None = None
+        self.ordinal = -1
+
+    def __call__(self, name: str) -> bool:
+        split = split_member(name)
+        if split is None:
+            return True
+        if split[0] != self.key:
+            self.key, self.ordinal = split[0], self.ordinal + 1
+        return not self.wanted(self.ordinal)
+
+
 def iter_samples(stream: BinaryIO, url: str) -> Iterator[dict[str, Any]]:
     """The samples of an uncompressed tar stream (the lean reader)."""
     return group_members(iter_members(stream), url)
+
+
+def iter_wanted_samples(
+    stream: BinaryIO, url: str, wanted: Callable[[int], bool]
+) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(ordinal, sample) of the samples of an uncompressed tar stream that `wanted(ordinal)` accepts; the
+    others' payloads are seeked past (their samples come with None data, so the caller sees how far it got)."""
+    return enumerate(group_members(iter_members(stream, SampleOrdinals(wanted)), url))

@@ -21,9 +21,9 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from sdtrain.data.loader import shuffle_buffer
 from sdtrain.data.partition import EpochPlan, consumed_per_worker, plan_epoch
 from sdtrain.data.samples import SampleError
+from sdtrain.data.slot_pass import shuffle_buffer
 from sdtrain.errors import DataError
 from sdtrain.prep.images import decode_image, resize_and_crop
 from sdtrain.prep.sources import InputPart, iter_part, plan_parts

@@ -102,7 +102,9 @@ def test_resume_matches_the_uninterrupted_run(tmp_path, dataset, straight, strat
     copy(step3, second / "checkpoints" / "step_000003.ckpt")
     result = run_train(second, f"data.shards={dataset}", f"strategy={strategy}", *COMMON, "resume=auto", timeout=400)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "(global step 3)" in result.stdout + result.stderr
+    log = result.stdout + result.stderr
+    assert "(global step 3)" in log
+    assert "data stream resumes after 3 batches of this rank, from each worker's saved position" in log
 
     straight_losses, resumed_losses = _losses(first), _losses(second)
     assert sorted(resumed_losses) == [3, 4, 5], resumed_losses  # logged at the step count before each update

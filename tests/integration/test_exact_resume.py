@@ -3,6 +3,7 @@ accumulation, so the on-device NaN gate spans micro-batches) and 2-process DDP."
 
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -82,10 +83,49 @@ def test_sigkill_and_resume_is_bitwise_identical(tmp_path, dataset, extra):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     log = resumed.stdout + resumed.stderr
     assert f"global step {killed_at}" in log and "Restored all states from the checkpoint" in log
-    assert f"data stream resumes after {killed_at * _accumulation(extra)} batches of this rank" in log
+    resumes = f"data stream resumes after {killed_at * _accumulation(extra)} batches of this rank"
+    assert f"{resumes}, from each worker's saved position" in log  # flat cost: no replay of the epoch so far
     assert (tmp_path / "b" / "logs" / "version_1").is_dir()  # the resumed run keeps the first run's metrics
     _assert_identical(_ckpt(tmp_path / "a"), _ckpt(tmp_path / "b"))
 
 
 def _accumulation(extra):
     return next((int(o.split("=")[1]) for o in extra if o.startswith("trainer.accumulate_grad_batches=")), 1)
+
+
+def test_a_skipped_nonfinite_step_does_not_shift_the_data_position(tmp_path):
+    """One sample whose moments are finite but overflow the loss (3e38 in float32) makes step 1 non-finite; it is
+    skipped. A run resumed from the step-3 checkpoint must take the batches the uninterrupted run took: same
+    weights at step 6, and the skip counted once in each."""
+    from helpers import synthetic_samples
+
+    from sdtrain.prep.shard_writer import LatentSample, write_shards
+
+    samples = list(synthetic_samples(48))
+    poisoned = samples[5]  # in batch 1 (batch size 4, no shuffling): step 1
+    moments = poisoned.array.copy()
+    moments[:4] = 3e38  # the posterior mean; the log-variance stays -6
+    samples[5] = LatentSample(poisoned.key, moments, poisoned.caption)
+    write_shards(samples, str(tmp_path / "data"), samples_per_shard=16, dtype="float32")
+    overrides = [
+        f"data.shards={tmp_path / 'data' / 'manifest.json'}",
+        "data.shuffle=false",
+        "data.num_workers=0",
+        "data.batch_size=4",
+        "trainer.max_steps=6",
+        *COMMON[:5],
+    ]
+    straight = run_train(tmp_path / "a", *overrides, timeout=400)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    assert "1 step(s) with a non-finite loss or gradients skipped" in straight.stdout + straight.stderr
+    second = tmp_path / "b"
+    (second / "checkpoints").mkdir(parents=True)
+    shutil.copy2(tmp_path / "a" / "checkpoints" / "step_000003.ckpt", second / "checkpoints")
+    resumed = run_train(second, *overrides, "resume=auto", timeout=400)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    log = resumed.stdout + resumed.stderr
+    assert "data stream resumes after 3 batches of this rank, from each worker's saved position" in log
+    a, b = _ckpt(tmp_path / "a"), _ckpt(second)
+    assert a["global_step"] == b["global_step"] == 6
+    for name in a["state_dict"]:
+        assert torch.equal(a["state_dict"][name], b["state_dict"][name]), name

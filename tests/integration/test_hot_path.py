@@ -31,6 +31,7 @@ def _with_context(batches):
             "latents": b["latents"],
             "context": torch.randn(4, 77, 32, generator=g),
             "dropped": torch.tensor([0, 1, 0, 0]).bool(),
+            "keys": b["keys"],
         }
         for b in batches
     ]

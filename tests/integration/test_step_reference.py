@@ -40,9 +40,13 @@ def _parts():
 def _batches(n=4, masked=False):
     g = torch.Generator().manual_seed(1)
     tok = build_tokenizer()
-    batches = [
-        {"latents": torch.randn(4, 4, 8, 8, generator=g), "tokens": tok(["a cat", "", "red apple", "sun"])}
-        for _ in range(n)
+    batches = [  # as the loader gives them: with the sample keys (the throughput callbacks count images by them)
+        {
+            "latents": torch.randn(4, 4, 8, 8, generator=g),
+            "tokens": tok(["a cat", "", "red apple", "sun"]),
+            "keys": [f"{i:03d}-{j}" for j in range(4)],
+        }
+        for i in range(n)
     ]
     for batch in batches if masked else []:
         batch["loss_mask"] = (torch.rand(4, 1, 8, 8, generator=g) > 0.3).float()

@@ -1,13 +1,13 @@
 import io
 import tarfile
 from collections import Counter
-from itertools import islice
 
 import numpy as np
 import pytest
 import torch
+from helpers import latent_stream, make_dataset, take_batches
 
-from sdtrain.data.loader import LatentDataConfig, LatentStream, build_dataloader
+from sdtrain.data.loader import LatentDataConfig, LatentStream
 from sdtrain.data.normalizer import LatentNormalizer
 from sdtrain.data.probe import probe_dataset
 from sdtrain.data.shards import resolve_shards
@@ -19,22 +19,7 @@ TOKENIZER = build_tokenizer()
 
 
 def stream(spec, rank=0, world=1, start_batch=0, **cfg):
-    cfg = LatentDataConfig(shards=str(spec), **{"batch_size": 4, "num_workers": 2, "shuffle_buffer": 8, **cfg})
-    return LatentStream(
-        resolve_shards(str(spec)),
-        cfg,
-        TOKENIZER,
-        latent_channels=4,
-        normalizer=LatentNormalizer(),
-        rank=rank,
-        world_size=world,
-        seed=7,
-        start_batch=start_batch,
-    )
-
-
-def take(ds, n):
-    return list(islice(iter(build_dataloader(ds)), n))
+    return latent_stream(spec, rank=rank, world=world, start_batch=start_batch, **cfg)
 
 
 def test_two_ranks_two_workers_see_every_sample_once_per_epoch(dataset):
@@ -42,7 +27,7 @@ def test_two_ranks_two_workers_see_every_sample_once_per_epoch(dataset):
     for rank in range(2):
         ds = stream(dataset, rank=rank, world=2, caption_dropout=0.0)
         per_rank = ds.plan(0).batches_per_slot * ds.workers  # one epoch of this rank
-        batches = take(ds, per_rank)
+        batches = take_batches(ds, per_rank)
         assert all(b["latents"].shape == (4, 4, 8, 8) for b in batches)
         keys += [k for b in batches for k in b["keys"]]
     assert len(keys) == 64 and len(set(keys)) == 64
@@ -51,13 +36,12 @@ def test_two_ranks_two_workers_see_every_sample_once_per_epoch(dataset):
 def test_every_rank_yields_the_same_number_of_batches_with_uneven_shards(tmp_path):
     """Shards of 16,16,16,16,6 over 2 ranks x 2 workers: each rank's real stream gives 70 // (4 slots x 4) = 4
     batches per epoch, full and of distinct samples; over the epoch no sample is read twice."""
-    from helpers import make_dataset
 
     manifest = make_dataset(tmp_path, n=70, per_shard=16)
     per_rank_epoch = (70 // (4 * 4)) * 2  # batches per slot x workers
     seen = []
     for rank in range(2):
-        batches = take(stream(manifest, rank=rank, world=2, caption_dropout=0.0), per_rank_epoch + 2)
+        batches = take_batches(stream(manifest, rank=rank, world=2, caption_dropout=0.0), per_rank_epoch + 2)
         first_epoch = batches[:per_rank_epoch]
         assert all(len(b["keys"]) == 4 for b in batches)
         keys = [k for b in first_epoch for k in b["keys"]]
@@ -69,15 +53,15 @@ def test_every_rank_yields_the_same_number_of_batches_with_uneven_shards(tmp_pat
 
 
 def test_caption_dropout_rate_within_tolerance(dataset):
-    batches = take(stream(dataset, caption_dropout=0.3), 320)  # 1,280 captions
+    batches = take_batches(stream(dataset, caption_dropout=0.3), 320)  # 1,280 captions
     tokens = torch.cat([b["tokens"] for b in batches])
     empty = (tokens[:, 1] == TOKENIZER.eot_token_id).float().mean().item()
     assert abs(empty - 0.3) < 0.05  # 4 sigma of a binomial(1280, 0.3) rate
 
 
 def test_resumed_stream_continues_exactly(dataset):
-    full = take(stream(dataset), 13)
-    resumed = take(stream(dataset, start_batch=5), 8)
+    full = take_batches(stream(dataset), 13)
+    resumed = take_batches(stream(dataset, start_batch=5), 8)
     for a, b in zip(full[5:], resumed, strict=True):
         assert a["keys"] == b["keys"]
         assert torch.equal(a["latents"], b["latents"]) and torch.equal(a["tokens"], b["tokens"])
@@ -125,7 +109,7 @@ def test_corrupt_samples_and_truncated_shard_are_skipped_and_counted(tmp_path):
     (tmp_path / "000001.tar").write_bytes(whole[: len(whole) // 3])  # truncated mid-file
     ds = stream(f"{tmp_path}/*.tar", num_workers=0, shuffle_buffer=0, caption_dropout=0.0, batch_size=2)
     skipped = Counter()
-    for batch in take(ds, 12):
+    for batch in take_batches(ds, 12):
         skipped.update(batch["skipped"])
         assert torch.isfinite(batch["latents"]).all()
     assert skipped["bad_npy"] >= 1 and skipped["missing_caption"] >= 1 and skipped["bad_caption"] >= 1
@@ -161,7 +145,7 @@ def test_zero_byte_shard(tmp_path, dataset):
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     ds = stream(tmp_path / "manifest.json", num_workers=0, shuffle=False)  # one slot reads all three shards
     skipped = Counter()
-    for batch in take(ds, 24):  # two epochs
+    for batch in take_batches(ds, 24):  # two epochs
         skipped.update(batch["skipped"])
     assert skipped["shard_error"] >= 1
 
@@ -175,8 +159,8 @@ def test_resume_is_exact_with_bad_samples_in_the_consumed_part(tmp_path):
                 _add(tar, f"s{i:03d}.txt", f"caption {i}".encode())
     spec = f"{tmp_path}/*.tar"
     options = dict(num_workers=0, batch_size=2, caption_dropout=0.5, shuffle_buffer=4)
-    full = take(stream(spec, **options), 9)
-    resumed = take(stream(spec, start_batch=4, **options), 5)
+    full = take_batches(stream(spec, **options), 9)
+    resumed = take_batches(stream(spec, start_batch=4, **options), 5)
     for a, b in zip(full[4:], resumed, strict=True):
         assert a["keys"] == b["keys"] and torch.equal(a["latents"], b["latents"])
         assert torch.equal(a["tokens"], b["tokens"])
@@ -216,7 +200,7 @@ def test_loss_masks_are_read_at_latent_or_pixel_size_and_bad_ones_skipped(tmp_pa
     ds = LatentStream(
         resolve_shards(spec), cfg, TOKENIZER, latent_channels=4, normalizer=LatentNormalizer(), masked_loss=True
     )
-    batch = take(ds, 1)[0]
+    batch = take_batches(ds, 1)[0]
     assert batch["keys"] == ["s0", "s1", "s2", "s3"] and batch["skipped"] == {"bad_loss_mask": 3}
     mask = batch["loss_mask"]
     assert mask.shape == (4, 1, 8, 8) and mask.dtype == torch.float32
@@ -224,4 +208,4 @@ def test_loss_masks_are_read_at_latent_or_pixel_size_and_bad_ones_skipped(tmp_pa
     assert torch.all(mask[1, 0, :, :4] == 1.0) and torch.all(mask[1, 0, :, 4:] == 0.0)
     with pytest.raises(DataError, match="sample 'b1': bad_loss_mask: mask.npy is"):
         probe_dataset(resolve_shards(spec), cfg, latent_channels=4, masked_loss=True)
-    assert "loss_mask" not in take(stream(spec, num_workers=0), 1)[0]  # off by default: no member is read
+    assert "loss_mask" not in take_batches(stream(spec, num_workers=0), 1)[0]  # off by default: no member is read

@@ -96,3 +96,21 @@ def test_counting_reading_and_raw_tars_split_member_names_the_same_way(tmp_path)
     assert {"b/000009", "b/000010"} <= {s["__key__"] for s in read} and "moments.npy" in read[-2]
     raw_keys = [s.key for s in _iter_tar(str(path), lambda reason: None)]
     assert raw_keys == [s["__key__"] for s in read]
+
+
+@pytest.mark.parametrize("fmt", [tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_a_sparse_read_gives_the_wanted_samples_and_reports_damage(tmp_path, fmt):
+    """What a resumed loader reads: only the wanted ordinals, the same bytes as a full read, up to `stop`; the
+    others' payloads are seeked past, and a tar cut short inside a seeked-past member is still reported."""
+    from sdtrain.data.shards import iter_shard_samples
+
+    path = _tar(tmp_path / "s.tar", fmt, [*NAMES, *(f"{i:04d}.{e}" for i in range(30) for e in ("a", "b"))])
+    full = list(iter_raw_samples(str(path), print))
+    wanted = {1, 4, 7, 8, 20, 31}
+    sparse = list(iter_shard_samples(str(path), print, wanted.__contains__, stop=21))
+    assert sparse == [(i, full[i]) for i in sorted(wanted) if i < 21]
+    data = path.read_bytes()
+    (tmp_path / "cut.tar").write_bytes(data[: len(data) * 2 // 3])
+    errors = []
+    got = list(iter_shard_samples(str(tmp_path / "cut.tar"), errors.append, lambda i: i in (1, 34)))
+    assert [i for i, _ in got] == [1] and errors and "truncated" in errors[0]
