@@ -213,16 +213,19 @@ def _tokenizer():
     return build_tokenizer()
 
 
-def latent_stream(spec, *, rank=0, world=1, seed=7, start_batch=0, resume_positions=None, transition=None, **cfg):
-    """A LatentStream over `spec` as a rank of `world` would build it (tiny test defaults: batch 4, 2 workers,
-    shuffle buffer 8); `cfg` overrides LatentDataConfig fields."""
+def latent_stream(
+    spec, *, rank=0, world=1, seed=7, start_batch=0, resume_positions=None, transition=None, mixture=None, **cfg
+):
+    """A LatentStream over `spec` (shards, or an already resolved ShardSet) as a rank of `world` would build it
+    (tiny test defaults: batch 4, 2 workers, shuffle buffer 8); `cfg` overrides LatentDataConfig fields."""
     from sdtrain.data.loader import LatentDataConfig, LatentStream
     from sdtrain.data.normalizer import LatentNormalizer
-    from sdtrain.data.shards import resolve_shards
+    from sdtrain.data.shards import ShardSet, resolve_shards
 
     options = {"batch_size": 4, "num_workers": 2, "shuffle_buffer": 8, **cfg}
+    shard_set = spec if isinstance(spec, ShardSet) else resolve_shards(str(spec))
     return LatentStream(
-        resolve_shards(str(spec)),
+        shard_set,
         LatentDataConfig(shards=str(spec), **options),
         _tokenizer(),
         latent_channels=4,
@@ -233,6 +236,7 @@ def latent_stream(spec, *, rank=0, world=1, seed=7, start_batch=0, resume_positi
         start_batch=start_batch,
         resume_positions=resume_positions,
         transition=transition,
+        mixture=mixture,
     )
 
 

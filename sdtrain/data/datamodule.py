@@ -74,7 +74,8 @@ class LatentDataModule(L.LightningDataModule):
         else:
             check_global_batch(old, new)
             before = _transition(state.get("transition"))
-            moved = plan_transition(state["ranks"], old, stream.shard_set.sample_counts, before)
+            slots = old.world_size * old.workers
+            moved = plan_transition(state["ranks"], old, lambda e: stream.epoch_plan(e, slots, old.batch_size), before)
             self.transition = {"epoch": moved.epoch, "runs": [r.tolist() for r in moved.runs], "start": self.consumed}
             how = (
                 f"on {new.world_size} rank(s) x {new.workers} worker(s) instead of {old.world_size} x "

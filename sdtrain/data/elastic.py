@@ -15,12 +15,13 @@ trainer.accumulate_grad_batches to keep it, or stops with one line saying which 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from sdtrain.data.partition import EpochPlan, SlotPlan, cut_into_slots, plan_epoch
+from sdtrain.data.partition import EpochPlan, SlotPlan, cut_into_slots
 from sdtrain.data.slot_pass import StreamPosition
 from sdtrain.errors import DataError
 
@@ -37,18 +38,15 @@ class StreamLayout:
     shuffle: bool
     seed: int
     total_samples: int
+    mixture: str = ""  # data.sources' names and weights (Mixture.signature), "" for one shard set
 
     @property
     def global_batch(self) -> int:
         return self.world_size * self.batch_size * self.accumulate
 
     def same_order_as(self, other: StreamLayout) -> bool:
-        return (self.shuffle_buffer, self.shuffle, self.seed, self.total_samples) == (
-            other.shuffle_buffer,
-            other.shuffle,
-            other.seed,
-            other.total_samples,
-        )
+        fields = ("shuffle_buffer", "shuffle", "seed", "total_samples", "mixture")
+        return all(getattr(self, f) == getattr(other, f) for f in fields)
 
 
 def check_global_batch(old: StreamLayout, new: StreamLayout) -> None:
@@ -106,24 +104,20 @@ def _runs(slot_plan: SlotPlan, numbers: list[int]) -> list[tuple[int, int, int]]
 
 
 def plan_transition(
-    state: list[dict[str, Any]], old: StreamLayout, sample_counts: list[int], before: Transition | None = None
+    state: list[dict[str, Any]],
+    old: StreamLayout,
+    plan_for: Callable[[int], EpochPlan],
+    before: Transition | None = None,
 ) -> Transition:
     """The transition epoch for the gathered positions of `old`'s world (LatentDataModule.state_dict()['ranks']);
-    `before` is the world-size change that world itself continued from, if any."""
+    `plan_for(epoch)` is the old world's plan of an epoch (LatentStream.epoch_plan with its slots and batch size),
+    `before` the world-size change that world itself continued from, if any."""
     slots = old.world_size * old.workers
 
     def old_plan(epoch: int) -> EpochPlan | None:
         if before is not None and epoch == before.epoch:
             return before.plan(slots, old.batch_size)
-        return plan_epoch(
-            sample_counts,
-            world_size=old.world_size,
-            workers_per_rank=old.workers,
-            batch_size=old.batch_size,
-            seed=old.seed,
-            epoch=epoch,
-            shuffle=old.shuffle,
-        )
+        return plan_for(epoch)
 
     first_epoch = 0 if before is None else before.epoch + (old_plan(before.epoch) is None)
     positions = {

@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from sdtrain.data.elastic import StreamLayout, Transition
+from sdtrain.data.mixing import Mixture
 from sdtrain.data.normalizer import LatentNormalizer
 from sdtrain.data.partition import EpochPlan, SlotPlan, batches_per_slot, consumed_per_worker, plan_epoch
 from sdtrain.data.samples import (
@@ -46,6 +47,9 @@ Tokenizer = Callable[[list[str]], torch.Tensor]
 class LatentDataConfig:
     shards: Any = None
     """Manifest, brace pattern, glob, or a list of patterns (see sdtrain/data/shards.py)."""
+    sources: Any = None
+    """Instead of `shards`: several shard sets mixed by weight, [{shards: ..., weight: 0.7, name: laion}, ...]
+    (sdtrain/data/mixing.py); per-source sample counts are logged as data/samples/<name>."""
     val_shards: Any = None
     """Held-out shards for callbacks.validation (same forms as `shards`); None = no validation loss."""
     batch_size: int = 32
@@ -73,6 +77,8 @@ class LatentDataConfig:
     def __post_init__(self) -> None:
         if not 0.0 <= self.caption_dropout <= 1.0:
             raise ValueError(f"caption_dropout must be in [0, 1], got {self.caption_dropout}")
+        if self.shards is not None and self.sources is not None:
+            raise ValueError("give data.shards or data.sources, not both")
         if self.batch_size < 1 or self.num_workers < 0:
             raise ValueError("batch_size must be >= 1 and num_workers >= 0")
 
@@ -86,6 +92,7 @@ class Pending(NamedTuple):
     text: np.ndarray | None
     inpaint: tuple[np.ndarray, np.ndarray] | None = None  # (K masks, K masked-image moments)
     loss_mask: np.ndarray | None = None  # (h, w) loss weights in [0, 1]; None = 1 everywhere
+    source: int = 0  # index into data.sources
 
 
 class LatentStream(IterableDataset):
@@ -109,6 +116,7 @@ class LatentStream(IterableDataset):
         start_batch: int = 0,
         resume_positions: dict[int, dict[str, Any]] | None = None,
         transition: Transition | None = None,
+        mixture: Mixture | None = None,
         inpainting: bool = False,
         masked_loss: bool = False,
     ) -> None:
@@ -128,6 +136,7 @@ class LatentStream(IterableDataset):
         # after a world-size change: the epoch it happened in is planned from what it still owed (elastic.py),
         # and start_batch counts from there
         self.transition = transition
+        self.mixture = mixture  # data.sources: the epoch's samples drawn from several shard sets (mixing.py)
         self.workers = max(1, cfg.num_workers)
         self.total_bad = 0  # per worker process and epoch, for the bad-sample rate check
         self.errors: list[str] = []  # shard-level problems (unreadable, truncated), already logged
@@ -145,22 +154,30 @@ class LatentStream(IterableDataset):
             shuffle=cfg.shuffle,
             seed=self.seed,
             total_samples=self.shard_set.total_samples,
+            mixture=self.mixture.signature() if self.mixture is not None else "",
         )
 
-    def plan(self, epoch: int) -> EpochPlan:
-        if self.transition is not None and epoch == self.transition.epoch:
-            plan = self.transition.plan(self.world_size * self.workers, self.cfg.batch_size)
-            if plan is not None:
-                return plan
+    def epoch_plan(self, epoch: int, num_slots: int, batch_size: int) -> EpochPlan:
+        """An epoch's plan for `num_slots` slots: the same on every rank (and for the world of a checkpoint)."""
+        if self.mixture is not None:
+            return self.mixture.plan(epoch, self.seed, self.cfg.shuffle, num_slots, batch_size)
         return plan_epoch(
             self.shard_set.sample_counts,
-            world_size=self.world_size,
-            workers_per_rank=self.workers,
-            batch_size=self.cfg.batch_size,
+            world_size=num_slots,
+            workers_per_rank=1,
+            batch_size=batch_size,
             seed=self.seed,
             epoch=epoch,
             shuffle=self.cfg.shuffle,
         )
+
+    def plan(self, epoch: int) -> EpochPlan:
+        slots = self.world_size * self.workers
+        if self.transition is not None and epoch == self.transition.epoch:
+            plan = self.transition.plan(slots, self.cfg.batch_size)
+            if plan is not None:
+                return plan
+        return self.epoch_plan(epoch, slots, self.cfg.batch_size)
 
     def _epochs(self) -> tuple[int, int, int]:
         """(first epoch of this stream, its batches per slot, batches per slot of a full epoch)."""
@@ -256,7 +273,8 @@ class LatentStream(IterableDataset):
         text = decode_text(raw) if self.cfg.text_embeddings else None
         inpaint = checked_inpainting(raw, latent.shape) if self.inpainting else None
         loss_mask = decode_loss_mask(raw, latent.shape[-2:]) if self.masked_loss else None
-        return (field.kind, latent.shape), Pending(latent, caption, raw["__key__"], text, inpaint, loss_mask)
+        source = raw.get("__source__", 0)
+        return (field.kind, latent.shape), Pending(latent, caption, raw["__key__"], text, inpaint, loss_mask, source)
 
     def _check_skip_rate(self, reads: int, raw: dict[str, Any], exc: SampleError) -> None:
         log.warning("skipping sample %s in %s: %s", raw.get("__key__"), raw.get("__url__"), exc)
@@ -270,6 +288,8 @@ class LatentStream(IterableDataset):
         dropped = (torch.rand(len(batch), generator=generator) < self.cfg.caption_dropout).numpy()
         skipped, self.skipped = dict(self.skipped), Counter()
         out = {"latents": latents, "keys": [p.key for p in batch], "skipped": skipped}
+        if self.mixture is not None:
+            out["sources"] = dict(Counter(self.mixture.names[p.source] for p in batch))
         if self.cfg.text_embeddings:  # hidden states instead of tokens; dropped captions get the empty prompt's
             out["context"] = torch.from_numpy(np.stack([p.text for p in batch]).astype(np.float32))
             out["dropped"] = torch.from_numpy(dropped)
@@ -304,6 +324,7 @@ class LatentStream(IterableDataset):
                 offset += length
                 continue
             url = self.shard_set.shards[part.shard].url
+            source = self.mixture.source_of(part.shard) if self.mixture is not None else 0
             base, first = offset - part.start, part.start + max(0, begin - offset)
             take = None
             if first > 0 or wanted is not None:
@@ -312,7 +333,7 @@ class LatentStream(IterableDataset):
                     return ordinal >= first and (wanted is None or wanted(base + ordinal))
 
             for ordinal, raw in iter_shard_samples(url, self._shard_error, take, stop=part.stop):
-                raw["__url__"] = url
+                raw["__url__"], raw["__source__"] = url, source
                 yield base + ordinal, raw
             offset += length
 

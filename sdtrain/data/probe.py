@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sdtrain.data.loader import LatentDataConfig
+from sdtrain.data.mixing import Mixture, resolve_sources
 from sdtrain.data.normalizer import LatentNormalizer
 from sdtrain.data.samples import (
     LatentField,
@@ -34,6 +35,7 @@ class ProbedData:
     shard_set: ShardSet
     latent_shape: tuple[int, ...]
     normalizer: LatentNormalizer
+    mixture: Mixture | None = None  # data.sources
 
 
 def probe_dataset(
@@ -115,11 +117,18 @@ def probe(
     inpainting: bool = False,
     masked_loss: bool = False,
 ) -> ProbedData:
-    """The training set resolved and checked: shards, latent shape of its first sample, VAE, normalisation."""
-    shard_set = resolve_shards(cfg.shards)
+    """The training set resolved and checked: shards (of each source, with data.sources), latent shape of its
+    first sample, VAE, normalisation."""
+    mixture = None
+    if cfg.sources is not None:
+        shard_set, mixture = resolve_sources(cfg.sources)
+        firsts = [ShardSet((shard_set.shards[i],)) for i in mixture.first_shard]
+    else:
+        shard_set = resolve_shards(cfg.shards)
+        firsts = [shard_set]
     check_vae(shard_set.manifest, vae_encoder_sha256)
-    latent_shape = probe_dataset(shard_set, cfg, latent_channels, inpainting, masked_loss)
+    latent_shape = [probe_dataset(first, cfg, latent_channels, inpainting, masked_loss) for first in firsts][0]
     if cfg.text_embeddings:
         check_text_embeddings(shard_set.manifest, text_config)
     normalizer = LatentNormalizer.resolve(cfg.scaling_factor, cfg.shift_factor, shard_set.manifest)
-    return ProbedData(shard_set, latent_shape, normalizer)
+    return ProbedData(shard_set, latent_shape, normalizer, mixture)

@@ -19,6 +19,7 @@ import braceexpand
 from webdataset.gopen import gopen
 from webdataset.tariterators import tar_file_iterator
 
+from sdtrain.data import storage
 from sdtrain.data.tar_reader import group_members, iter_samples, iter_wanted_samples, split_member
 from sdtrain.errors import DataError
 
@@ -54,22 +55,27 @@ def _has_scheme(url: str) -> bool:
 
 
 def read_manifest(path: str) -> ShardSet:
-    """Read a manifest.json; shard urls are relative to its folder unless absolute or with a scheme."""
+    """Read a manifest.json (a local path or a remote URL); shard urls are relative to its folder unless absolute
+    or with a scheme."""
+    remote = storage.is_remote(path)
     try:
-        with open(path, encoding="utf-8") as f:
-            manifest = json.load(f)
+        if remote:  # a missing bucket or key, refused credentials: storage's one line
+            manifest = json.loads(storage.read_text(path))
+        else:
+            with open(path, encoding="utf-8") as f:
+                manifest = json.load(f)
     except OSError as exc:
-        raise DataError(f"cannot read manifest {path}: {exc.strerror}") from None
-    except json.JSONDecodeError as exc:
+        raise DataError(f"cannot read manifest {path}: {exc.strerror or exc}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DataError(f"manifest {path} is not valid JSON: {exc}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
         raise DataError(f"{path} is not an sdtrain latent manifest (format != {MANIFEST_FORMAT!r})")
-    base = os.path.dirname(os.path.abspath(path))
+    base = path.rsplit("/", 1)[0] if remote else os.path.dirname(os.path.abspath(path))
     shards = []
     for entry in manifest.get("shards", []):
         url = entry["url"]
         if not (os.path.isabs(url) or _has_scheme(url)):
-            url = os.path.join(base, url)
+            url = storage.join(base, url) if remote else os.path.join(base, url)
         shards.append(Shard(url, int(entry["num_samples"])))
     if not shards:
         raise DataError(f"manifest {path} lists no shards")
@@ -93,6 +99,9 @@ def count_samples(url: str) -> int:
 def _expand_one(pattern: str) -> list[str]:
     if pattern.endswith(".json") or os.path.isdir(pattern):
         raise AssertionError("manifests are handled by resolve_shards")
+    if storage.is_remote(pattern):  # globs are listed by the store; braces are expanded here
+        expanded = list(braceexpand.braceexpand(pattern))
+        return [u for e in expanded for u in (storage.glob(e) if glob.has_magic(e) else [e])]
     if _has_scheme(pattern):
         return list(braceexpand.braceexpand(pattern))
     urls: list[str] = []
@@ -109,12 +118,16 @@ def _expand_one(pattern: str) -> list[str]:
 def resolve_shards(spec: str | Sequence[str] | None) -> ShardSet:
     """Resolve `data.shards` to a ShardSet. Raises DataError naming the pattern when nothing matches."""
     if spec is None or (isinstance(spec, str) and not spec.strip()):
-        raise DataError("data.shards is empty: give a manifest.json, a brace pattern, a glob or a list of shards")
+        raise DataError(
+            "data.shards is empty: give a manifest.json, a brace pattern, a glob or a list of shards (or data.sources)"
+        )
     patterns = [spec] if isinstance(spec, str) else list(spec)
     if not patterns:
         raise DataError("data.shards is an empty list")
     if len(patterns) == 1:
         only = patterns[0]
+        if storage.is_remote(only) and not only.endswith(".json") and not glob.has_magic(only) and "{" not in only:
+            return read_manifest(storage.join(only, MANIFEST_NAME))  # a remote folder: its manifest
         manifest = os.path.join(only, MANIFEST_NAME) if os.path.isdir(only) else only
         if manifest.endswith(".json"):
             return read_manifest(manifest)
@@ -149,12 +162,12 @@ def iter_shard_samples(
     """(ordinal, raw sample) of one shard, as iter_raw_samples, up to ordinal `stop`; with `wanted`, only the
     ordinals it accepts (an uncompressed local tar then reads the others' headers only)."""
     try:
-        stream = gopen(url, "rb")
+        stream = storage.open_url(url) if storage.is_remote(url) else gopen(url, "rb")
     except Exception as exc:  # noqa: BLE001 - any opener failure is one counted, reported skip
         on_error(f"cannot open shard {url}: {exc}")
         return
     try:
-        head = stream.peek(2)[:2] if hasattr(stream, "peek") else b""
+        head = storage.peek_head(stream)
         if head and head not in COMPRESSED_MAGIC:
             samples = iter_wanted_samples(stream, url, wanted) if wanted else enumerate(iter_samples(stream, url))
         else:

@@ -50,6 +50,14 @@ def _pax_path(data: bytes) -> bytes | None:
     return path
 
 
+def _size(stream: BinaryIO) -> int | None:
+    """The stream's length where it knows it (local files, fsspec's remote files)."""
+    try:
+        return os.fstat(stream.fileno()).st_size
+    except (AttributeError, OSError, ValueError):
+        return getattr(stream, "size", None)
+
+
 def iter_members(stream: BinaryIO, skip: Callable[[str], bool] | None = None) -> Iterator[tuple[str, bytes | None]]:
     """(name, data) of the regular files in an uncompressed tar stream, in order.
 
@@ -57,7 +65,7 @@ def iter_members(stream: BinaryIO, skip: Callable[[str], bool] | None = None) ->
     seek (a resumed loader reads the headers of the samples it does not need, not their data)."""
     read = stream.read
     seekable = skip is not None and stream.seekable()
-    end = os.fstat(stream.fileno()).st_size if seekable and hasattr(stream, "fileno") else None
+    end = _size(stream) if seekable else None
     long_name: bytes | None = None
     while True:
         header = read(BLOCK)

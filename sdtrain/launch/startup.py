@@ -38,8 +38,8 @@ def millions(module: Any) -> str:
     return f"{sum(p.numel() for p in module.parameters()) / 1e6:,.1f}M"
 
 
-def unet_lines(module: Any, shard_set: Any, data: Any) -> list[str]:
-    """What `sdtrain-train` trains and on what."""
+def unet_lines(module: Any, shard_set: Any, data: Any, mixture: Any = None) -> list[str]:
+    """What `sdtrain-train` trains and on what (with data.sources, each source's share of an epoch)."""
     unet = module.unet
     text = module.text_encoder
     text_name = type(getattr(text, "model", getattr(text, "tower", text))).__name__
@@ -49,7 +49,13 @@ def unet_lines(module: Any, shard_set: Any, data: Any) -> list[str]:
         f"data: {len(shard_set.shards)} shards, {shard_set.total_samples:,} samples, latents "
         f"{tuple(module.latent_shape)}, batch {data.batch_size}/rank, {data.num_workers} workers/rank"
         + (", pre-encoded text" if data.text_embeddings else ""),
+        *([sources_line(mixture)] if mixture is not None else []),
     ]
+
+
+def sources_line(mixture: Any) -> str:
+    shares = zip(mixture.names, mixture.weights, mixture.targets(), mixture.sample_counts, strict=True)
+    return "sources: " + ", ".join(f"{n} {w:.0%} ({t:,} samples/epoch of {sum(c):,})" for n, w, t, c in shares)
 
 
 def start_header(*, what: list[str], trainer: Any, strategy: str, ckpt_path: str | None, run_dir: str) -> list[str]:

@@ -21,8 +21,7 @@ from sdtrain.checkpoint.weights import read_weights
 from sdtrain.config import to_object
 from sdtrain.data.datamodule import LatentDataModule
 from sdtrain.data.loader import LatentDataConfig, LatentStream
-from sdtrain.data.probe import probe
-from sdtrain.data.shards import ShardSet
+from sdtrain.data.probe import ProbedData, probe
 from sdtrain.diffusion.objective import DiffusionConfig, DiffusionObjective
 from sdtrain.errors import ConfigError, SdtrainError, one_line
 from sdtrain.launch.config import (
@@ -45,7 +44,7 @@ from sdtrain.training.optim import OptimConfig
 log = logging.getLogger("sdtrain")
 
 
-def build_module(cfg: DictConfig, data: LatentDataConfig) -> tuple[LatentDiffusionModule, LatentDataModule, ShardSet]:
+def build_module(cfg: DictConfig, data: LatentDataConfig) -> tuple[LatentDiffusionModule, LatentDataModule, ProbedData]:
     """The LightningModule (model + objective + optimizer settings), the data stream and its shards for `cfg`."""
     model: ModelConfig = to_object(cfg.model, "model", ModelConfig)
     if model.unet.config.get("addition_embed_type"):
@@ -95,8 +94,9 @@ def build_module(cfg: DictConfig, data: LatentDataConfig) -> tuple[LatentDiffusi
         seed=cfg.seed,
         inpainting=diffusion.inpainting,
         masked_loss=diffusion.masked_loss,
+        mixture=probed.mixture,
     )
-    return module, LatentDataModule(stream), probed.shard_set
+    return module, LatentDataModule(stream), probed
 
 
 def latent_channels(parts: ModelParts, diffusion: DiffusionConfig) -> int:
@@ -115,7 +115,7 @@ def latent_channels(parts: ModelParts, diffusion: DiffusionConfig) -> int:
 def run(cfg: DictConfig, run_dir: str) -> L.Trainer:
     seed_everything(cfg.seed)
     data: LatentDataConfig = to_object(cfg.data, "data", LatentDataConfig)
-    module, datamodule, shard_set = build_module(cfg, data)
+    module, datamodule, probed = build_module(cfg, data)
     callbacks_cfg = to_object(cfg.callbacks, "callbacks", CallbacksConfig)
     run = prepare_trainer(
         cfg,
@@ -128,7 +128,7 @@ def run(cfg: DictConfig, run_dir: str) -> L.Trainer:
         ),
     )
     start_header(
-        what=unet_lines(module, shard_set, data),
+        what=unet_lines(module, probed.shard_set, data, probed.mixture),
         trainer=run.trainer,
         strategy=str(cfg.strategy.get("kind", "auto")),
         ckpt_path=resume_line(run.ckpt_path, run.resumed),

@@ -13,9 +13,11 @@ Resumable and parallel by construction:
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import logging
 import os
+import tempfile
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from typing import Any, NamedTuple
@@ -23,6 +25,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from sdtrain.data import storage
 from sdtrain.data.normalizer import SD_SCALING_FACTOR
 from sdtrain.data.samples import LOSS_MASK_MEMBER, SampleError, average_down
 from sdtrain.data.shards import MANIFEST_NAME
@@ -80,17 +83,39 @@ class EncodeConfig:
                 raise ValueError(f"buckets are [w, h] multiples of 8, got {bucket}")
 
 
+def _in(out: str, name: str) -> str:
+    return storage.join(out, name) if storage.is_remote(out) else os.path.join(out, name)
+
+
 def part_record_path(out: str, index: int) -> str:
-    return os.path.join(out, PARTS_DIR, f"{index:06d}.json")
+    return _in(out, f"{PARTS_DIR}/{index:06d}.json")
 
 
 def part_done(out: str, index: int) -> bool:
+    """The part's record is there and so is every shard it lists (in OUT, local or in object storage)."""
     path = part_record_path(out, index)
-    if not os.path.isfile(path):
+    if not storage.exists(path):
         return False
-    with open(path, encoding="utf-8") as f:
-        record = json.load(f)
-    return all(os.path.isfile(os.path.join(out, s["url"])) for s in record["shards"])
+    record = json.loads(storage.read_text(path))
+    return all(storage.exists(_in(out, s["url"])) for s in record["shards"])
+
+
+def work_dir(cfg: EncodeConfig) -> str:
+    """Where this process writes: OUT itself or, for an OUT in object storage (s3://...), a local staging folder
+    from which each part is uploaded when it is done (its shards, then its record; the manifest last of all)."""
+    if not storage.is_remote(cfg.out):
+        return cfg.out
+    return os.path.join(tempfile.gettempdir(), "sdtrain-encode-" + hashlib.sha1(cfg.out.encode()).hexdigest()[:12])
+
+
+def publish_part(cfg: EncodeConfig, record: dict[str, Any]) -> None:
+    """Upload a finished part from the staging folder to OUT (shards first, the record that marks it done last)
+    and free the staging space."""
+    work = work_dir(cfg)
+    for entry in record["shards"]:
+        storage.put(os.path.join(work, entry["url"]), _in(cfg.out, entry["url"]))
+        os.remove(os.path.join(work, entry["url"]))
+    storage.put(part_record_path(work, record["part"]), part_record_path(cfg.out, record["part"]))
 
 
 def remove_part_outputs(out: str, index: int) -> None:
@@ -193,10 +218,12 @@ def prepare_sample(raw: RawSample, cfg: EncodeConfig) -> Prepared:
 
 
 def encode_part(part: InputPart, cfg: EncodeConfig, encoder: Encoder) -> dict[str, Any]:
-    """Encode one part into its shards, then write its record; returns the record."""
-    remove_part_outputs(cfg.out, part.index)
+    """Encode one part into its shards, then write its record (and upload both to an OUT in object storage);
+    returns the record."""
+    work = work_dir(cfg)
+    remove_part_outputs(work, part.index)
     sink = ShardSink(
-        cfg.out,
+        work,
         samples_per_shard=cfg.samples_per_shard,
         dtype=cfg.dtype,
         name_for=lambda chunk: f"{part.index:06d}_{chunk:03d}.tar",
@@ -243,8 +270,10 @@ def encode_part(part: InputPart, cfg: EncodeConfig, encoder: Encoder) -> dict[st
         "skipped": dict(skipped),
         "latent_shapes": dict(shapes),
     }
-    os.makedirs(os.path.join(cfg.out, PARTS_DIR), exist_ok=True)
-    write_json_atomic(part_record_path(cfg.out, part.index), record)
+    os.makedirs(os.path.join(work, PARTS_DIR), exist_ok=True)
+    write_json_atomic(part_record_path(work, part.index), record)
+    if work != cfg.out:
+        publish_part(cfg, record)
     return record
 
 
@@ -265,8 +294,7 @@ def merge(cfg: EncodeConfig, parts: list[InputPart]) -> dict[str, Any] | None:
         return None
     records = []
     for part in parts:
-        with open(part_record_path(cfg.out, part.index), encoding="utf-8") as f:
-            records.append(json.load(f))
+        records.append(json.loads(storage.read_text(part_record_path(cfg.out, part.index))))
     entries = [s for r in records for s in r["shards"]]
     if not entries:
         raise DataError("no sample survived decoding and filters; nothing to write")
@@ -308,7 +336,9 @@ def merge(cfg: EncodeConfig, parts: list[InputPart]) -> dict[str, Any] | None:
             "latent_shapes": dict(shapes),
         },
     )
-    write_json_atomic(os.path.join(cfg.out, MANIFEST_NAME), result)
+    write_json_atomic(os.path.join(work_dir(cfg), MANIFEST_NAME), result)
+    if storage.is_remote(cfg.out):  # uploaded last: a reader that finds the manifest finds every shard
+        storage.put(os.path.join(work_dir(cfg), MANIFEST_NAME), _in(cfg.out, MANIFEST_NAME))
     return result
 
 

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from sdtrain.config import from_values
 from sdtrain.errors import ConfigError, command_line
-from sdtrain.prep.encode import EncodeConfig, Encoder, encode_part, merge, my_parts
+from sdtrain.prep.encode import EncodeConfig, Encoder, encode_part, merge, my_parts, work_dir
 from sdtrain.prep.filters import FilterConfig
 from sdtrain.prep.sources import InputPart
 
@@ -170,7 +170,7 @@ def encode(cfg: EncodeConfig) -> dict[str, Any] | None:
     parts, todo = my_parts(cfg)
     mine = len(parts[cfg.rank :: cfg.world_size])
     log.info("rank %d/%d: %d parts of %d, %d left to encode", cfg.rank, cfg.world_size, mine, len(parts), len(todo))
-    os.makedirs(cfg.out, exist_ok=True)
+    os.makedirs(work_dir(cfg), exist_ok=True)
     kept, start = 0, time.perf_counter()
     bar = tqdm(total=len(todo), unit="part", desc=f"encode rank {cfg.rank}", dynamic_ncols=True)
     if cfg.workers == 0:

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from sdtrain.data import storage
 from sdtrain.data.shards import COMPRESSED_MAGIC
 from sdtrain.data.tar_reader import TarDamage, iter_members, split_member
 from sdtrain.errors import DataError
@@ -53,11 +54,17 @@ def plan_parts(inputs: list[str], files_per_part: int = 1000) -> list[InputPart]
     """Inputs (tar files/globs, folders, tables) -> the ordered list of parts."""
     parts: list[InputPart] = []
     for spec in inputs:
-        matches = sorted(glob.glob(spec)) if any(c in spec for c in "*?[") else [spec]
+        remote = storage.is_remote(spec)
+        if any(c in spec for c in "*?["):
+            matches = storage.glob(spec) if remote else sorted(glob.glob(spec))
+        else:
+            matches = [spec]
         if not matches:
             raise DataError(f"input matches nothing: {spec}")
         for path in matches:
-            if not os.path.exists(path):
+            if remote and not path.endswith(".tar"):
+                raise DataError(f"input {path}: from object storage, only .tar shards (img2dataset's output) are read")
+            if not storage.exists(path):
                 raise DataError(f"input not found: {path}")
             if os.path.isdir(path):
                 count = len(_folder_images(path))
@@ -88,11 +95,11 @@ def iter_part(part: InputPart, on_error: Callable[[str], None]) -> Iterator[RawS
 
 def _tar_members(path: str) -> Iterator[tuple[str, bytes]]:
     """(name, data) of regular files: the lean reader (reports truncation) for plain tars, tarfile otherwise."""
-    with open(path, "rb") as f:
-        if f.peek(2)[:2] not in COMPRESSED_MAGIC:
+    with storage.open_url(path) as f:  # local or s3:// (data/storage.py)
+        if storage.peek_head(f) not in COMPRESSED_MAGIC:
             yield from iter_members(f)
             return
-    with tarfile.open(path, mode="r|*") as tar:
+    with storage.open_url(path) as f, tarfile.open(fileobj=f, mode="r|*") as tar:
         for member in tar:
             if member.isfile():
                 yield member.name, tar.extractfile(member).read()  # type: ignore[union-attr]

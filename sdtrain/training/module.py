@@ -61,6 +61,7 @@ class LatentDiffusionModule(L.LightningModule):
         self.latent_shape = latent_shape
         self.seed = seed
         self.skipped: Counter[str] = Counter()
+        self.source_samples: Counter[str] = Counter()  # data.sources: samples this rank took from each source
         self.nonfinite = NonfiniteGuard(optim)
         self._micro = (-1, 0)  # (global step, micro-batch index within it)
         self._pending_rng: dict[str, Any] | None = None
@@ -111,8 +112,12 @@ class LatentDiffusionModule(L.LightningModule):
         prediction = self(noisy, timesteps, self.text_context(batch))
         loss = self.objective.loss(prediction, target, timesteps, batch.get("loss_mask"))
         self.skipped.update(batch.get("skipped") or {})
-        if self.skipped and logs_this_step(self.trainer):
-            self.log("data/skipped", float(sum(self.skipped.values())))
+        self.source_samples.update(batch.get("sources") or {})
+        if (self.skipped or self.source_samples) and logs_this_step(self.trainer):
+            if self.skipped:
+                self.log("data/skipped", float(sum(self.skipped.values())))
+            for name, count in self.source_samples.items():
+                self.log(f"data/samples/{name}", float(count))
         if self.nonfinite.on_device:
             self.log("train/loss", loss)  # a device tensor: no copy, no read
             return self.nonfinite.poison(loss)
@@ -203,6 +208,7 @@ class LatentDiffusionModule(L.LightningModule):
         checkpoint[SDTRAIN_KEY] = {
             "latent_shape": list(self.latent_shape),
             "skipped": dict(self.skipped),
+            "source_samples": dict(self.source_samples),
             "nonfinite_skips": self.nonfinite.skips,
             "rng": states,
             SPEC_KEY: self.spec,
@@ -212,6 +218,7 @@ class LatentDiffusionModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = sdtrain_state(checkpoint)
         self.skipped = Counter(state.get("skipped", {}))
+        self.source_samples = Counter(state.get("source_samples", {}))
         self.nonfinite.skips = int(state.get("nonfinite_skips", 0))
         saved = state.get("latent_shape")
         if saved is not None and tuple(saved) != tuple(self.latent_shape):

@@ -25,6 +25,10 @@ def _no_caption_dataset(folder):
 
 CASES = {
     "empty_pattern": (["data.shards="], "data.shards is empty"),
+    "source_weight": (
+        ["data.shards=null", "data.sources=[{shards:/x/manifest.json,weight:0}]"],
+        "data.sources[0].weight must be a number > 0, got 0",
+    ),
     "nonexistent": (["data.shards='/nonexistent/{000000..000003}.tar'"], "shard not found: /nonexistent/000000.tar"),
     "wrong_channels": (["model.unet.config.in_channels=8"], "4 latent channels, model expects 8"),
     "unknown_key_plus": (["+data.colour=red"], "unknown key data.colour"),

@@ -108,3 +108,23 @@ def test_masked_loss_reads_each_samples_mask_into_the_loss(tmp_path, dataset):
     with open(run / "logs" / "version_0" / "metrics.csv") as f:
         losses = [float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")]
     assert len(losses) == 3 and all(loss == 0.0 for loss in losses)
+
+
+def test_weighted_sources_train_and_log_each_sources_samples(tmp_path, dataset, val_dataset):
+    """data.sources from the command line (Hydra's list-of-dicts syntax): the header states each source's share,
+    the metrics count each source's samples, and shards + sources together is one line."""
+    sources = f"data.sources=[{{shards:{dataset},weight:3,name:main}},{{shards:{val_dataset},weight:1,name:extra}}]"
+    run = tmp_path / "run"
+    result = run_train(run, sources, "trainer.max_steps=6", "callbacks.samples.at_end=false", *FAST)
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = result.stdout + result.stderr
+    assert "sources: main 75% (78 samples/epoch of 64), extra 25% (26 samples/epoch of 40)" in log  # 104 in all
+    with open(run / "logs" / "version_0" / "metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("data/samples/main")]
+    last = rows[-1]
+    main, extra = float(last["data/samples/main"]), float(last.get("data/samples/extra") or 0)
+    assert main > 0 and extra > 0 and main + extra == 6 * 8  # every sample of the 6 batches, by source
+    both = run_train(tmp_path / "both", sources, f"data.shards={dataset}", "trainer.max_steps=1", *FAST)
+    assert both.returncode == 2 and both.stderr.strip().splitlines()[-1].endswith(
+        "give data.shards or data.sources, not both"
+    )

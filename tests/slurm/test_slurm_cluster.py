@@ -166,8 +166,11 @@ def test_scancel_leaves_the_last_checkpoint_loadable(cluster, tmp_path, dataset)
     subprocess.run(["scancel", job], check=True)
     assert wait_for(job, 120) == "CANCELLED"
     step = last_step(run)  # loads (weights_only) after the kill
-    resumed = run_train(run, f"data.shards={dataset}", f"trainer.max_steps={step + 3}", "resume=auto", *TRAIN[1:])
+    # resumed outside SLURM on one process: an elastic resume, the 2 nodes' global batch of 16 kept
+    overrides = [f"data.shards={dataset}", f"trainer.max_steps={step + 3}", "resume=auto", "data.batch_size=16"]
+    resumed = run_train(run, *overrides, *TRAIN[1:])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "on 1 rank(s) x 1 worker(s) instead of 2 x 1" in resumed.stdout + resumed.stderr
     assert last_step(run) == step + 3
 
 

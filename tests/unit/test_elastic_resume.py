@@ -13,7 +13,6 @@ import torch
 from helpers import latent_stream, make_dataset, mixed_shape_dataset, take_batches
 
 from sdtrain.data.elastic import StreamLayout, check_global_batch, plan_transition
-from sdtrain.data.shards import resolve_shards
 from sdtrain.errors import DataError
 from sdtrain.models.text_encoder import build_tokenizer
 
@@ -39,7 +38,7 @@ def _keys(batches):
 @pytest.mark.parametrize(("old_world", "new_world"), [(2, 1), (1, 2)])
 def test_the_epoch_goes_on_in_the_new_world_without_repeats(tmp_path, old_world, new_world):
     manifest = make_dataset(tmp_path, n=230, per_shard=23)
-    global_batch, counts = 16, resolve_shards(str(manifest)).sample_counts
+    global_batch = 16
     old_batch, new_batch = global_batch // old_world, global_batch // new_world
     old = [_stream(manifest, r, old_world, old_batch) for r in range(old_world)]
     per_epoch = old[0].plan(0).batches_per_slot * 2  # batches of a rank in one epoch
@@ -49,9 +48,10 @@ def test_the_epoch_goes_on_in_the_new_world_without_repeats(tmp_path, old_world,
     k = per_epoch // 2 + 1  # each old rank consumed k batches, then the world changed
     first_part = [take_batches(ds, k) for ds in old]
     layout = StreamLayout(old_world, 2, old_batch, 1, 16, True, 11, 230)
-    transition = plan_transition([_saved(b) for b in first_part], layout, counts)
+    old_plan = lambda epoch: old[0].epoch_plan(epoch, old_world * 2, old_batch)  # noqa: E731 - what the module passes
+    transition = plan_transition([_saved(b) for b in first_part], layout, old_plan)
     assert transition.epoch == 0
-    again = plan_transition([_saved(b) for b in first_part], layout, counts)
+    again = plan_transition([_saved(b) for b in first_part], layout, old_plan)
     assert [r.tolist() for r in again.runs] == [r.tolist() for r in transition.runs]  # deterministic
 
     new = [_stream(manifest, r, new_world, new_batch, transition=transition) for r in range(new_world)]
@@ -71,7 +71,6 @@ def test_samples_waiting_in_buckets_go_on_in_the_new_world_and_a_resume_there_is
     """Two latent shapes: at the change some samples wait in half-full buckets; the new world reads them, and
     nothing any old batch held. Resuming inside the transition epoch (same new world) is bit for bit."""
     manifest = mixed_shape_dataset(tmp_path, shards=10, per_shard=23, bad_every=0)
-    counts = resolve_shards(str(manifest)).sample_counts
     old = [_stream(manifest, r, 2, 4) for r in range(2)]
     first_part = [take_batches(ds, 9) for ds in old]
     saved = [_saved(b) for b in first_part]
@@ -82,7 +81,8 @@ def test_samples_waiting_in_buckets_go_on_in_the_new_world_and_a_resume_there_is
             in_file_order = [(r.shard, i) for r in slot_plan.ranges for i in range(r.start, r.stop)]
             waiting |= {f"k{shard * 23 + i:05d}" for shard, i in (in_file_order[n] for n in position["pending"])}
     assert waiting
-    transition = plan_transition(saved, StreamLayout(2, 2, 4, 1, 16, True, 11, 230), counts)
+    layout = StreamLayout(2, 2, 4, 1, 16, True, 11, 230)
+    transition = plan_transition(saved, layout, lambda epoch: old[0].epoch_plan(epoch, 4, 4))
     new = _stream(manifest, 0, 1, 8, transition=transition)
     rest_batches = new.plan(transition.epoch).batches_per_slot * 2
     rest = take_batches(new, rest_batches)
