@@ -24,7 +24,6 @@ from torch.utils.data import DataLoader
 
 from sdtrain.data.elastic import StreamLayout, Transition, check_global_batch, plan_transition
 from sdtrain.data.loader import build_dataloader
-from sdtrain.data.slot_pass import StreamPosition
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +49,7 @@ class LatentDataModule(L.LightningDataModule):
         stream = self.make_stream(rank=rank, world_size=world, start_batch=self.consumed)
         state, self.restored = self.restored, None
         how = "by replaying the epoch so far"
-        if hasattr(stream, "layout"):
+        if hasattr(stream, "place"):
             self.layout = stream.layout(accumulate)
             how = self._place(stream, state, rank) or how
         if self.consumed:
@@ -81,9 +80,8 @@ class LatentDataModule(L.LightningDataModule):
                 f"on {new.world_size} rank(s) x {new.workers} worker(s) instead of {old.world_size} x "
                 f"{old.workers}: epoch {moved.epoch} goes on with the {moved.num_samples} samples it still owed"
             )
-        stream.transition = _transition(self.transition)
-        stream.start_batch = self.consumed - (self.transition["start"] if self.transition else 0)
-        stream.resume_positions = {k: StreamPosition.from_dict(v) for k, v in self.positions.items()}
+        start = self.consumed - (self.transition["start"] if self.transition else 0)
+        stream.place(start, self.positions, _transition(self.transition))
         return how
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:

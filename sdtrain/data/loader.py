@@ -130,17 +130,25 @@ class LatentStream(IterableDataset):
         self.rank = rank
         self.world_size = world_size
         self.seed = seed
-        self.start_batch = start_batch  # batches this rank already consumed (resume)
-        # where each worker role stood after its last consumed batch (checkpointed by LatentDataModule)
-        self.resume_positions = {int(k): StreamPosition.from_dict(v) for k, v in (resume_positions or {}).items()}
-        # after a world-size change: the epoch it happened in is planned from what it still owed (elastic.py),
-        # and start_batch counts from there
-        self.transition = transition
+        self.place(start_batch, resume_positions, transition)
         self.mixture = mixture  # data.sources: the epoch's samples drawn from several shard sets (mixing.py)
         self.workers = max(1, cfg.num_workers)
         self.total_bad = 0  # per worker process and epoch, for the bad-sample rate check
         self.errors: list[str] = []  # shard-level problems (unreadable, truncated), already logged
         self.skipped: Counter[str] = Counter()  # reasons since the last batch; sent along with the next one
+
+    def place(
+        self,
+        start_batch: int,
+        resume_positions: dict[int, dict[str, Any]] | None = None,
+        transition: Transition | None = None,
+    ) -> None:
+        """Where the stream starts: after `start_batch` batches of this rank; from each worker role's position
+        after its last consumed batch where given (checkpointed by LatentDataModule); after a world-size change
+        the epoch it happened in is planned from what it still owed (elastic.py), start_batch counting from it."""
+        self.start_batch = start_batch
+        self.resume_positions = {int(k): StreamPosition.from_dict(v) for k, v in (resume_positions or {}).items()}
+        self.transition = transition
 
     def layout(self, accumulate: int = 1) -> StreamLayout:
         """What this stream's sample order depends on besides the data (kept with checkpointed positions)."""

@@ -127,7 +127,8 @@ def probe(
         shard_set = resolve_shards(cfg.shards)
         firsts = [shard_set]
     check_vae(shard_set.manifest, vae_encoder_sha256)
-    latent_shape = [probe_dataset(first, cfg, latent_channels, inpainting, masked_loss) for first in firsts][0]
+    shapes = [probe_dataset(first, cfg, latent_channels, inpainting, masked_loss) for first in firsts]
+    latent_shape = shapes[0]  # of the first source; each source's first sample is checked
     if cfg.text_embeddings:
         check_text_embeddings(shard_set.manifest, text_config)
     normalizer = LatentNormalizer.resolve(cfg.scaling_factor, cfg.shift_factor, shard_set.manifest)

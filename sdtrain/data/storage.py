@@ -11,6 +11,7 @@ can seek, so the loader's sparse resume reads work on them as on local files.
 from __future__ import annotations
 
 import io
+import os
 import time
 from typing import IO, Any
 
@@ -85,8 +86,6 @@ def read_text(url: str) -> str:
 
 def exists(url: str) -> bool:
     if not is_remote(url):
-        import os
-
         return os.path.exists(url)
     try:
         return bool(_filesystem(url).exists(url))

@@ -21,6 +21,7 @@ from sdtrain.errors import CheckpointError, ConfigError
 from sdtrain.launch.config import to_plain
 from sdtrain.launch.loggers import build_loggers
 from sdtrain.launch.slurm import log_placement
+from sdtrain.launch.startup import start_header
 from sdtrain.launch.strategy import build_strategy
 from sdtrain.training.callbacks.progress import ProgressConfig
 
@@ -31,6 +32,7 @@ class PreparedRun:
     ckpt_path: str | None  # the checkpoint a resumed run continues from
     resumed: dict[str, Any] | None  # its metadata (step, sdtrain state)
     loggers: list[Logger]
+    run_dir: str
 
 
 def prepare_trainer(
@@ -75,10 +77,25 @@ def prepare_trainer(
         )
     except TypeError as exc:
         raise ConfigError(f"trainer: {exc}") from None
-    return PreparedRun(trainer, ckpt_path, resumed, loggers)
+    return PreparedRun(trainer, ckpt_path, resumed, loggers, run_dir)
 
 
-def fit(run: PreparedRun, cfg: DictConfig, module: L.LightningModule, datamodule: L.LightningDataModule) -> L.Trainer:
+def fit(
+    run: PreparedRun,
+    cfg: DictConfig,
+    module: L.LightningModule,
+    datamodule: L.LightningDataModule,
+    *,
+    header: list[str],
+) -> L.Trainer:
+    """Log the start header (`header`: what the job trains, on what), then train."""
+    start_header(
+        what=header,
+        trainer=run.trainer,
+        strategy=str(cfg.strategy.get("kind", "auto")),
+        ckpt_path=resume_line(run.ckpt_path, run.resumed),
+        run_dir=run.run_dir,
+    )
     for logger in run.loggers:  # the resolved config: runs compared by their settings (secrets were refused)
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     try:

@@ -8,12 +8,9 @@ Lightning runs. Any SdtrainError (bad data, bad config, missing file) ends the r
 from __future__ import annotations
 
 import logging
-import sys
 from functools import partial
 
-import hydra
 import lightning as L
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from sdtrain.checkpoint.spec import build_spec
@@ -23,15 +20,10 @@ from sdtrain.data.datamodule import LatentDataModule
 from sdtrain.data.loader import LatentDataConfig, LatentStream
 from sdtrain.data.probe import ProbedData, probe
 from sdtrain.diffusion.objective import DiffusionConfig, DiffusionObjective
-from sdtrain.errors import ConfigError, SdtrainError, one_line
-from sdtrain.launch.config import (
-    CONF_PATH,
-    one_line_config_errors,
-    quote_brace_patterns,
-    register_configs,
-)
-from sdtrain.launch.fit import fit, prepare_trainer, resume_line
-from sdtrain.launch.startup import quiet_known_noise, start_header, unet_lines
+from sdtrain.errors import ConfigError
+from sdtrain.launch.entry import hydra_entry
+from sdtrain.launch.fit import fit, prepare_trainer
+from sdtrain.launch.startup import unet_lines
 from sdtrain.models.builder import ModelConfig, ModelParts, build_model
 from sdtrain.models.diffusers_parts import encoder_fingerprint
 from sdtrain.models.pipeline_folder import is_inpainting_folder, scheduler_config
@@ -127,33 +119,7 @@ def run(cfg: DictConfig, run_dir: str) -> L.Trainer:
             callbacks_cfg, run_dir, val_shards=data.val_shards, latent_key=data.latent_key, progress_bar=bar
         ),
     )
-    start_header(
-        what=unet_lines(module, probed.shard_set, data, probed.mixture),
-        trainer=run.trainer,
-        strategy=str(cfg.strategy.get("kind", "auto")),
-        ckpt_path=resume_line(run.ckpt_path, run.resumed),
-        run_dir=run_dir,
-    )
-    return fit(run, cfg, module, datamodule)
+    return fit(run, cfg, module, datamodule, header=unet_lines(module, probed.shard_set, data, probed.mixture))
 
 
-@hydra.main(version_base="1.3", config_path=CONF_PATH, config_name="train")
-def hydra_main(cfg: DictConfig) -> None:
-    run_dir = HydraConfig.get().runtime.output_dir
-    try:
-        run(cfg, run_dir)
-    except SdtrainError as exc:
-        print(f"error: {one_line(exc)}", file=sys.stderr)
-        sys.exit(2)
-
-
-def main() -> None:
-    quiet_known_noise()
-    sys.argv[1:] = quote_brace_patterns(sys.argv[1:])
-    register_configs()
-    one_line_config_errors()
-    hydra_main()
-
-
-if __name__ == "__main__":
-    main()
+main = hydra_entry("train", run)

@@ -8,21 +8,18 @@ At the end the run writes DIR/vae/ (for `sdtrain-encode --vae DIR/vae`, with its
 from __future__ import annotations
 
 import logging
-import sys
 from functools import partial
 
-import hydra
 import lightning as L
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from sdtrain.config import to_object
 from sdtrain.data.datamodule import LatentDataModule
-from sdtrain.errors import ConfigError, SdtrainError, one_line
-from sdtrain.launch.config import CONF_PATH, one_line_config_errors, quote_brace_patterns, register_configs
-from sdtrain.launch.fit import fit, prepare_trainer, resume_line
+from sdtrain.errors import ConfigError
+from sdtrain.launch.entry import hydra_entry
+from sdtrain.launch.fit import fit, prepare_trainer
 from sdtrain.launch.fsdp import FSDPConfig
-from sdtrain.launch.startup import millions, quiet_known_noise, start_header
+from sdtrain.launch.startup import millions
 from sdtrain.launch.zero import ZeroConfig
 from sdtrain.models.diffusers_parts import build_vae
 from sdtrain.seeding import seed_everything
@@ -80,38 +77,13 @@ def run(cfg: DictConfig, run_dir: str) -> L.Trainer:
         ),
     )
     trained = "all of it" if model.train == "all" else "the decoder (encoder frozen)"
-    start_header(
-        what=[
-            f"model: AutoencoderKL {millions(vae)}, {vae.config.latent_channels}-channel latents, training {trained}"
-            + (f", from {model.pretrained}" if model.pretrained else ", random init"),
-            f"data: {len(image_set.parts)} parts, {image_set.total:,} images at {data.resolution}px, "
-            f"batch {data.batch_size}/rank, {data.num_workers} workers/rank",
-        ],
-        trainer=prepared.trainer,
-        strategy=str(cfg.strategy.get("kind", "auto")),
-        ckpt_path=resume_line(prepared.ckpt_path, prepared.resumed),
-        run_dir=run_dir,
-    )
-    return fit(prepared, cfg, module, datamodule)
+    header = [
+        f"model: AutoencoderKL {millions(vae)}, {vae.config.latent_channels}-channel latents, training {trained}"
+        + (f", from {model.pretrained}" if model.pretrained else ", random init"),
+        f"data: {len(image_set.parts)} parts, {image_set.total:,} images at {data.resolution}px, "
+        f"batch {data.batch_size}/rank, {data.num_workers} workers/rank",
+    ]
+    return fit(prepared, cfg, module, datamodule, header=header)
 
 
-@hydra.main(version_base="1.3", config_path=CONF_PATH, config_name="train_vae")
-def hydra_main(cfg: DictConfig) -> None:
-    run_dir = HydraConfig.get().runtime.output_dir
-    try:
-        run(cfg, run_dir)
-    except SdtrainError as exc:
-        print(f"error: {one_line(exc)}", file=sys.stderr)
-        sys.exit(2)
-
-
-def main() -> None:
-    quiet_known_noise()
-    sys.argv[1:] = quote_brace_patterns(sys.argv[1:])
-    register_configs()
-    one_line_config_errors()
-    hydra_main()
-
-
-if __name__ == "__main__":
-    main()
+main = hydra_entry("train_vae", run)
