@@ -36,7 +36,7 @@ def build_spec(
     normalizer: LatentNormalizer,
     latent_shape: tuple[int, ...],
 ) -> dict[str, Any]:
-    text = parts.text_config
+    text, text_2 = parts.text_config, parts.text_config_2
     spec = {
         "unet": diffusers_config(parts.unet),
         "vae": diffusers_config(parts.vae),
@@ -45,8 +45,14 @@ def build_spec(
         "normalizer": normalizer.as_dict(),
         "latent_shape": list(latent_shape),
     }
+    first = parts.text_encoder.first if text_2 is not None else parts.text_encoder
     if text.kind == "transformers":  # the architecture and the tokenizer's files: no folder needed to rebuild
-        spec["text_model"] = {"config": hf_config(parts.text_encoder.model), "tokenizer_files": tokenizer_files(text)}
+        spec["text_model"] = {"config": hf_config(first.model), "tokenizer_files": tokenizer_files(text)}
+    if text_2 is not None:  # SDXL's second encoder, kept the same way
+        spec["text_encoder_2"] = {**dataclasses.asdict(text_2), "pretrained": None, "tokenizer": None}
+        if text_2.kind == "transformers":
+            second = parts.text_encoder.second.model
+            spec["text_model_2"] = {"config": hf_config(second), "tokenizer_files": tokenizer_files(text_2)}
     return spec
 
 
@@ -56,4 +62,5 @@ def model_config(spec: dict[str, Any]) -> ModelConfig:
         unet=UNetConfig(config=spec["unet"]),
         vae=VAEConfig(config=spec["vae"]),
         text_encoder=TextEncoderConfig(**spec["text_encoder"]),
+        text_encoder_2=TextEncoderConfig(**spec["text_encoder_2"]) if spec.get("text_encoder_2") else None,
     )

@@ -39,6 +39,8 @@ class TrainedModel:
     step: int
     weights: str
     """Which U-Net weights were loaded: ema | raw."""
+    text_config_2: TextEncoderConfig | None = None
+    """SDXL's second text encoder (text_encoder is then the pair, models/sdxl_text.py)."""
 
 
 def load_trained(path: str, weights: str = "ema", device: str | torch.device = "cpu") -> TrainedModel:
@@ -50,7 +52,13 @@ def load_trained(path: str, weights: str = "ema", device: str | torch.device = "
     if not spec:
         raise CheckpointError(f"checkpoint {path} has no model spec (checkpoint['sdtrain']['spec']); re-save it")
     config = model_config(spec)
-    parts = build_model(config, pretrained=False, runtime=False, text_model=spec.get("text_model"))
+    parts = build_model(
+        config,
+        pretrained=False,
+        runtime=False,
+        text_model=spec.get("text_model"),
+        text_model_2=spec.get("text_model_2"),
+    )
     unet, vae, text_encoder = parts.unet, parts.vae, parts.text_encoder
     for name in PARTS:
         try:
@@ -77,6 +85,7 @@ def load_trained(path: str, weights: str = "ema", device: str | torch.device = "
         vae=vae.eval().to(device),
         text_encoder=text_encoder.to(device),
         text_config=config.text_encoder,
+        text_config_2=config.text_encoder_2,
         tokenizer=parts.tokenizer,
         normalizer=LatentNormalizer.from_dict(spec["normalizer"]),
         diffusion=DiffusionConfig(**spec["diffusion"]),

@@ -31,6 +31,7 @@ from sdtrain.data.samples import (
     checked_latent,
     decode_caption,
     decode_loss_mask,
+    decode_size_conditioning,
     decode_text,
     posterior_sample,
 )
@@ -93,14 +94,17 @@ class Pending(NamedTuple):
     inpaint: tuple[np.ndarray, np.ndarray] | None = None  # (K masks, K masked-image moments)
     loss_mask: np.ndarray | None = None  # (h, w) loss weights in [0, 1]; None = 1 everywhere
     source: int = 0  # index into data.sources
+    size: tuple[int, int, int, int] | None = None  # SDXL: original (h, w), crop (top, left) from the json
 
 
 class LatentStream(IterableDataset):
     """Yields dict batches forever: latents (B,C,h,w) float32, tokens (B,L) int64 (or with data.text_embeddings:
     context (B,L,D) float32 + dropped (B,) bool), keys (sample keys), skipped ({reason: count} of samples dropped
     since the previous batch of this worker); with `inpainting`, also mask (B,1,h,w) float32 and masked_latents
-    (B,C,h,w), normalised; with `masked_loss`, loss_mask (B,1,h,w) float32 (ones for samples without a mask). A
-    batch holds one latent shape (aspect buckets)."""
+    (B,C,h,w), normalised; with `masked_loss`, loss_mask (B,1,h,w) float32 (ones for samples without a mask);
+    with `micro_conditioning` (SDXL: pixels per latent), time_ids (B,6) float32 and dropped (B,) bool, the
+    dropped captions' tokens left as they are (the model zeroes their embeddings, SDXL's convention). A batch
+    holds one latent shape (aspect buckets)."""
 
     def __init__(
         self,
@@ -119,8 +123,10 @@ class LatentStream(IterableDataset):
         mixture: Mixture | None = None,
         inpainting: bool = False,
         masked_loss: bool = False,
+        micro_conditioning: int = 0,
     ) -> None:
         self.shard_set = shard_set
+        self.micro_conditioning = micro_conditioning
         self.inpainting = inpainting
         self.masked_loss = masked_loss
         self.cfg = cfg
@@ -282,7 +288,9 @@ class LatentStream(IterableDataset):
         inpaint = checked_inpainting(raw, latent.shape) if self.inpainting else None
         loss_mask = decode_loss_mask(raw, latent.shape[-2:]) if self.masked_loss else None
         source = raw.get("__source__", 0)
-        return (field.kind, latent.shape), Pending(latent, caption, raw["__key__"], text, inpaint, loss_mask, source)
+        size = decode_size_conditioning(raw) if self.micro_conditioning else None
+        pending = Pending(latent, caption, raw["__key__"], text, inpaint, loss_mask, source, size)
+        return (field.kind, latent.shape), pending
 
     def _check_skip_rate(self, reads: int, raw: dict[str, Any], exc: SampleError) -> None:
         log.warning("skipping sample %s in %s: %s", raw.get("__key__"), raw.get("__url__"), exc)
@@ -301,8 +309,13 @@ class LatentStream(IterableDataset):
         if self.cfg.text_embeddings:  # hidden states instead of tokens; dropped captions get the empty prompt's
             out["context"] = torch.from_numpy(np.stack([p.text for p in batch]).astype(np.float32))
             out["dropped"] = torch.from_numpy(dropped)
+        elif self.micro_conditioning:  # SDXL: zeroed embeddings for dropped captions (the module applies them)
+            out["tokens"] = self.tokenizer([p.caption for p in batch])
+            out["dropped"] = torch.from_numpy(dropped)
         else:
             out["tokens"] = self.tokenizer(["" if d else p.caption for p, d in zip(batch, dropped, strict=True)])
+        if self.micro_conditioning:
+            out["time_ids"] = batch_time_ids([p.size for p in batch], latents.shape[-2:], self.micro_conditioning)
         if self.inpainting:  # drawn after everything above: a text-to-image run's draws stay as they were
             out.update(self._inpainting_inputs(batch, generator))
         if self.masked_loss:
@@ -382,6 +395,16 @@ class LatentStream(IterableDataset):
             if number not in found:
                 raise DataError(f"sample {number} of this worker's shards is gone since the checkpoint was written")
             yield number, found[number]
+
+
+def batch_time_ids(
+    sizes: list[tuple[int, int, int, int] | None], latent_size: tuple[int, int], pixels_per_latent: int
+) -> torch.Tensor:
+    """SDXL's (B, 6) time ids: each sample's original size and crop, the batch's target size in pixels; a sample
+    without size metadata counts as uncropped at the target size."""
+    target = (latent_size[0] * pixels_per_latent, latent_size[1] * pixels_per_latent)
+    rows = [(*(size or (*target, 0, 0)), *target) for size in sizes]
+    return torch.tensor(rows, dtype=torch.float32)
 
 
 def leave_termination_to_the_parent(worker_id: int) -> None:

@@ -23,10 +23,17 @@ class LatentNormalizer:
     shift: list[float] = field(default_factory=lambda: [0.0])
 
     @classmethod
-    def resolve(cls, scaling_factor: float | None, shift_factor: Any, manifest: dict[str, Any]) -> LatentNormalizer:
-        """data.scaling_factor / data.shift_factor where set, else the manifest's VAE entry, else SD's."""
+    def resolve(
+        cls,
+        scaling_factor: float | None,
+        shift_factor: Any,
+        manifest: dict[str, Any],
+        default_scale: float = SD_SCALING_FACTOR,
+    ) -> LatentNormalizer:
+        """data.scaling_factor / data.shift_factor where set, else the manifest's VAE entry, else `default_scale`
+        (the model's VAE config: 0.13025 for SDXL's VAE, 0.18215 for SD 1/2's)."""
         vae = manifest.get("vae") or {}
-        scale = scaling_factor if scaling_factor is not None else vae.get("scaling_factor", SD_SCALING_FACTOR)
+        scale = scaling_factor if scaling_factor is not None else vae.get("scaling_factor", default_scale)
         shift = shift_factor if shift_factor is not None else (vae.get("shift_factor") or 0.0)
         return cls(float(scale), [float(s) for s in (shift if isinstance(shift, list | tuple) else [shift])])
 

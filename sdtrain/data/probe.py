@@ -13,7 +13,7 @@ from typing import Any
 
 from sdtrain.data.loader import LatentDataConfig
 from sdtrain.data.mixing import Mixture, resolve_sources
-from sdtrain.data.normalizer import LatentNormalizer
+from sdtrain.data.normalizer import SD_SCALING_FACTOR, LatentNormalizer
 from sdtrain.data.samples import (
     LatentField,
     SampleError,
@@ -116,6 +116,7 @@ def probe(
     vae_encoder_sha256: str | None = None,
     inpainting: bool = False,
     masked_loss: bool = False,
+    vae_scaling_factor: float = SD_SCALING_FACTOR,
 ) -> ProbedData:
     """The training set resolved and checked: shards (of each source, with data.sources), latent shape of its
     first sample, VAE, normalisation."""
@@ -131,5 +132,5 @@ def probe(
     latent_shape = shapes[0]  # of the first source; each source's first sample is checked
     if cfg.text_embeddings:
         check_text_embeddings(shard_set.manifest, text_config)
-    normalizer = LatentNormalizer.resolve(cfg.scaling_factor, cfg.shift_factor, shard_set.manifest)
+    normalizer = LatentNormalizer.resolve(cfg.scaling_factor, cfg.shift_factor, shard_set.manifest, vae_scaling_factor)
     return ProbedData(shard_set, latent_shape, normalizer, mixture)

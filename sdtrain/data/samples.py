@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import io
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -204,3 +205,22 @@ def decode_loss_mask(sample: dict[str, Any], latent_size: tuple[int, int]) -> np
     if not np.isfinite(mask).all() or mask.min() < 0 or mask.max() > 1:
         raise SampleError("bad_loss_mask", f"{member} values must be in [0, 1]")
     return average_down(mask, factor) if factor > 1 else mask
+
+
+def decode_size_conditioning(sample: dict[str, Any]) -> tuple[int, int, int, int] | None:
+    """(original height, original width, crop top, crop left) in pixels from the sample's json (what
+    sdtrain-encode writes for every sample: docs/latent-shards.md), for SDXL's micro-conditioning; None when the
+    json or its size fields are absent (the run then uses original = target size, crop (0, 0))."""
+    if "json" not in sample:
+        return None
+    try:
+        meta = json.loads(sample["json"])
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SampleError("bad_json", f"sample json does not parse: {exc}") from None
+    keys = ("original_height", "original_width", "crop_top", "crop_left")
+    if not isinstance(meta, dict) or not all(k in meta for k in keys):
+        return None
+    values = [meta[k] for k in keys]
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values) or 0 in values[:2]:
+        raise SampleError("bad_json", f"sample json size fields must be integers >= 0, got {values}")
+    return values[0], values[1], values[2], values[3]

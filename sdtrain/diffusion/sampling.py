@@ -18,6 +18,8 @@ from torch import nn
 
 from sdtrain.data.normalizer import LatentNormalizer
 from sdtrain.diffusion.editing import EditInputs, encode_pixels, inpainting_channels
+from sdtrain.models.conditioning import TextStates, encode_text, time_ids, unet_kwargs
+from sdtrain.models.diffusers_parts import vae_scale_factor
 from sdtrain.seeding import image_generator
 
 SCHEDULERS = {"ddim": DDIMScheduler, "euler": EulerDiscreteScheduler, "dpm++": DPMSolverMultistepScheduler}
@@ -32,6 +34,7 @@ class SamplingConfig:
     guidance: float = 4.0
     """Classifier-free guidance scale; 1.0 runs the conditional branch only."""
     negative_prompt: str = ""
+    """"" = the unconditional branch of training: the empty prompt's states (SD 1.x/2.x), zeros (SDXL)."""
     sampler: str = "ddim"
     guidance_rescale: float = 0.0
     """Rescaled CFG (Lin et al. 2024, diffusers' guidance_rescale): 0.7 against over-exposure, with zero SNR."""
@@ -77,8 +80,8 @@ def start_timesteps(scheduler, steps: int, strength: float) -> torch.Tensor:  # 
 @torch.no_grad()
 def denoise(
     unet: nn.Module,
-    context: torch.Tensor,
-    uncond_context: torch.Tensor | None,
+    text: TextStates,
+    uncond_text: TextStates | None,
     noise: torch.Tensor,
     scheduler,  # noqa: ANN001 - any diffusers scheduler
     steps: int,
@@ -89,11 +92,13 @@ def denoise(
     strength: float = 1.0,
     extra_channels: torch.Tensor | None = None,
     keep: tuple[torch.Tensor, torch.Tensor] | None = None,
+    micro: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Run the reverse process from `noise` (or from `init_latents` noised to `strength`); returns final
     (normalised) latents. `extra_channels` go beside the input at every step (an inpainting U-Net's). `keep` =
     (latent mask, image latents): after each step the latents outside the mask are the image's, noised to the
-    next timestep (diffusers' inpaint pipeline does this for 4-channel U-Nets), so the unmasked region stays."""
+    next timestep (diffusers' inpaint pipeline does this for 4-channel U-Nets), so the unmasked region stays.
+    `micro`: SDXL's time ids (B, 6), the same for both guidance branches (as diffusers' SDXL pipeline)."""
     scheduler.set_timesteps(steps, device=noise.device)
     timesteps = scheduler.timesteps
     if init_latents is None:
@@ -103,15 +108,18 @@ def denoise(
         if len(timesteps) == 0:  # strength 0: nothing to denoise
             return init_latents.to(noise.dtype)
         latents = scheduler.add_noise(init_latents.to(noise.dtype), noise, timesteps[:1].repeat(noise.shape[0]))
-    use_cfg = guidance != 1.0 and uncond_context is not None
-    both = torch.cat([uncond_context, context]) if use_cfg else context
+    use_cfg = guidance != 1.0 and uncond_text is not None
+    both = TextStates.cat([uncond_text, text]) if use_cfg else text
+    if micro is not None and use_cfg:
+        micro = torch.cat([micro, micro])
+    conditioning = unet_kwargs(both, micro)
     if extra_channels is not None:
         extra_channels = torch.cat([extra_channels] * 2) if use_cfg else extra_channels
     for i, t in enumerate(timesteps):
         model_in = scheduler.scale_model_input(torch.cat([latents] * 2) if use_cfg else latents, t)
         if extra_channels is not None:
             model_in = torch.cat([model_in, extra_channels.to(model_in.dtype)], dim=1)
-        pred = unet(model_in, t, encoder_hidden_states=both).sample
+        pred = unet(model_in, t, **conditioning).sample
         if use_cfg:
             uncond, cond = pred.chunk(2)
             pred = uncond + guidance * (cond - uncond)
@@ -144,9 +152,16 @@ def generate(
 ) -> torch.Tensor:
     """Images (N, 3, H, W) in [0, 1] for paired `prompts[i]`, `seeds[i]` (and `edit` images/masks, one each)."""
     device = next(unet.parameters()).device
-    context = text_encoder(tokenizer(list(prompts)).to(device))
-    uncond = text_encoder(tokenizer([cfg.negative_prompt] * len(prompts)).to(device))
-    noise = initial_noise(seeds, latent_shape, device).to(context.dtype)
+    text = encode_text(text_encoder, tokenizer(list(prompts)).to(device))
+    micro = None
+    if text.pooled is not None and not cfg.negative_prompt:  # SDXL: zeros, as its pipelines' empty negative
+        uncond = text.zeros_like()
+    else:
+        uncond = encode_text(text_encoder, tokenizer([cfg.negative_prompt] * len(prompts)).to(device))
+    if text.pooled is not None:  # an uncropped image at the size generated
+        factor = vae_scale_factor(vae)
+        micro = time_ids((latent_shape[-2] * factor, latent_shape[-1] * factor), len(prompts), device)
+    noise = initial_noise(seeds, latent_shape, device).to(text.context.dtype)
     scheduler = build_scheduler(cfg.sampler, train_scheduler_config)
     pixels = edit.pixels if edit is not None else None
     strength = edit.strength if edit is not None else 1.0
@@ -164,7 +179,7 @@ def generate(
     init = image_latents if from_image else None
     latents = denoise(
         unet,
-        context,
+        text,
         uncond,
         noise,
         scheduler,
@@ -175,6 +190,7 @@ def generate(
         strength=strength,
         extra_channels=extra,
         keep=keep,
+        micro=micro,
     )
     vae_dtype = next(vae.parameters()).dtype
     decoded = vae.decode(normalizer.denormalize(latents).to(vae_dtype)).sample

@@ -87,38 +87,72 @@ def export_diffusers(model: TrainedModel, out: str, *, sampler: str = "ddim", si
             "vae_shift_folded": original_biases,
             "diffusion": dataclasses.asdict(model.diffusion),
             "text_encoder": dataclasses.asdict(model.text_config),
+            "text_encoder_2": dataclasses.asdict(model.text_config_2) if model.text_config_2 else None,
         },
     )
     return out
 
 
 def _save_text_encoder(model: TrainedModel, out: str) -> dict[str, list[str | None]]:
-    """text_encoder/ + tokenizer/ in transformers format and their model_index entries: a transformers encoder
-    as itself, an OpenCLIP tower converted to CLIPTextModel (so plain diffusers runs every export)."""
-    text_dir, tokenizer_dir = os.path.join(out, "text_encoder"), os.path.join(out, "tokenizer")
+    """text_encoder/ + tokenizer/ (SDXL: also text_encoder_2/ + tokenizer_2/) in transformers format and their
+    model_index entries: a transformers encoder as itself, an OpenCLIP tower converted to CLIPTextModel (so plain
+    diffusers runs every export)."""
+    if model.text_config_2 is not None:
+        pair, tokenizers = model.text_encoder, model.tokenizer
+        if model.text_config.kind != "transformers" or model.text_config_2.kind != "transformers":
+            raise CheckpointError(
+                "exporting an SDXL model needs transformers text encoders (a run from model.pretrained=SDXL_DIR); "
+                "OpenCLIP towers in an SDXL layout are not converted yet"
+            )
+        return {
+            **_save_hf_text(pair.first, tokenizers.first, model.text_config, out, ""),
+            **_save_hf_text(pair.second, tokenizers.second, model.text_config_2, out, "_2"),
+        }
     if model.text_config.kind == "transformers":
-        hf_model = model.text_encoder.model
-        tokenizer = model.tokenizer.tokenizer
-        # diffusers pads prompts to model_max_length: the context length the run trained with (BERT-style
-        # folders say 512)
-        tokenizer.model_max_length = model.text_config.context_length
-        tokenizer.save_pretrained(tokenizer_dir)
-    else:
-        hf_model, unused = open_clip_to_clip(model.text_encoder.tower, model.text_config.resolved_layer)
-        save_file({k: v.contiguous() for k, v in unused.items()}, os.path.join(out, UNUSED_TEXT_FILE))
-        tokenizer = clip_tokenizer(tokenizer_dir, pad_token="!", context_length=model.text_config.context_length)
-        tokenizer.save_pretrained(tokenizer_dir)
+        return _save_hf_text(model.text_encoder, model.tokenizer, model.text_config, out, "")
+    text_dir, tokenizer_dir = os.path.join(out, "text_encoder"), os.path.join(out, "tokenizer")
+    hf_model, unused = open_clip_to_clip(model.text_encoder.tower, model.text_config.resolved_layer)
+    save_file({k: v.contiguous() for k, v in unused.items()}, os.path.join(out, UNUSED_TEXT_FILE))
+    tokenizer = clip_tokenizer(tokenizer_dir, pad_token="!", context_length=model.text_config.context_length)
+    tokenizer.save_pretrained(tokenizer_dir)
     hf_model.save_pretrained(text_dir, safe_serialization=True)
-    if model.text_config.kind == "transformers" and not model.text_encoder.is_clip:
-        _update_json(os.path.join(text_dir, "config.json"), use_attention_mask=True)  # as sdtrain encodes
     return {
         "text_encoder": ["transformers", type(hf_model).__name__],
         "tokenizer": ["transformers", type(tokenizer).__name__],
     }
 
 
+def _save_hf_text(encoder: Any, tokenizer: Any, config: Any, out: str, suffix: str) -> dict[str, list[str | None]]:
+    """A transformers encoder (FrozenHFText) and its tokenizer as OUT/text_encoder{suffix}, OUT/tokenizer{suffix}."""
+    text_dir, tokenizer_dir = os.path.join(out, f"text_encoder{suffix}"), os.path.join(out, f"tokenizer{suffix}")
+    hf_tokenizer = tokenizer.tokenizer
+    # diffusers pads prompts to model_max_length: the context length the run trained with (BERT-style folders
+    # say 512)
+    hf_tokenizer.model_max_length = config.context_length
+    hf_tokenizer.save_pretrained(tokenizer_dir)
+    encoder.model.save_pretrained(text_dir, safe_serialization=True)
+    if not encoder.is_clip:
+        _update_json(os.path.join(text_dir, "config.json"), use_attention_mask=True)  # as sdtrain encodes
+    return {
+        f"text_encoder{suffix}": ["transformers", type(encoder.model).__name__],
+        f"tokenizer{suffix}": ["transformers", type(hf_tokenizer).__name__],
+    }
+
+
 def _model_index(sampler: str, text_parts: dict[str, list[str | None]], inpainting: bool) -> dict[str, Any]:
     scheduler = type(build_scheduler(sampler, {})).__name__
+    if "text_encoder_2" in text_parts:  # SDXL: zeros for an empty negative prompt, as sdtrain trains and samples
+        return {
+            "_class_name": "StableDiffusionXLPipeline",
+            "_diffusers_version": diffusers.__version__,
+            "unet": ["diffusers", "UNet2DConditionModel"],
+            "vae": ["diffusers", "AutoencoderKL"],
+            "scheduler": ["diffusers", scheduler],
+            **text_parts,
+            "image_encoder": [None, None],
+            "feature_extractor": [None, None],
+            "force_zeros_for_empty_prompt": True,
+        }
     return {
         "_class_name": "StableDiffusionInpaintPipeline" if inpainting else "StableDiffusionPipeline",
         "_diffusers_version": diffusers.__version__,  # as save_pretrained writes (diffusers' loaders read it)

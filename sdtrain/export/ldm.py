@@ -14,9 +14,11 @@ from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING, LDM_UN
 from torch import nn
 
 from sdtrain.errors import CheckpointError
-from sdtrain.models.clip_layout import CLIP_PREFIX, OPEN_CLIP_PREFIX
+from sdtrain.models.clip_layout import CLIP_PREFIX, OPEN_CLIP_PREFIX, clip_to_open_clip
 
 LDM_VAE_KEY = "first_stage_model."
+SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer.text_model."
+SDXL_OPEN_CLIP_PREFIX = "conditioner.embedders.1.model."
 
 RESNET_RENAMES = [  # diffusers name -> ldm name inside a ResBlock
     ("norm1", "in_layers.0"),
@@ -74,10 +76,13 @@ def _renamed(key: str, prefixes: list[tuple[str, str]], renames: dict[str, list[
 
 
 def unet_to_ldm(state: dict[str, torch.Tensor], config: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """A diffusers U-Net state dict under ldm names (with the `model.diffusion_model.` prefix)."""
-    if config.get("addition_embed_type") or config.get("class_embed_type"):
-        raise ValueError("single-file export covers SD1/SD2-style U-Nets (no class or addition embeddings)")
-    fixed = DIFFUSERS_TO_LDM_MAPPING["unet"]["layers"]
+    """A diffusers U-Net state dict under ldm names (with the `model.diffusion_model.` prefix): SD 1.x/2.x, and
+    SDXL's (its pooled-text + time-id embedding is ldm's `label_emb`)."""
+    addition = config.get("addition_embed_type")
+    if addition not in (None, "text_time") or config.get("class_embed_type"):
+        raise ValueError("single-file export covers SD 1.x/2.x/XL U-Nets (no class or other addition embeddings)")
+    mapping = DIFFUSERS_TO_LDM_MAPPING["unet"]
+    fixed = {**mapping["layers"], **(mapping["addition_embed_type"] if addition else {})}
     prefixes = _prefix_map(config)
     out: dict[str, torch.Tensor] = {}
     for key, tensor in state.items():
@@ -125,9 +130,28 @@ def vae_to_ldm(state: dict[str, torch.Tensor], config: dict[str, Any]) -> dict[s
     return out
 
 
+def sdxl_text_encoders_to_ldm(pair: nn.Module) -> dict[str, torch.Tensor]:
+    """SDXL's pair under the names SDXL files use: CLIP-L as `conditioner.embedders.0.transformer.text_model.*`,
+    the second (CLIPTextModelWithProjection) as the OpenCLIP tower `conditioner.embedders.1.model.*` (q/k/v
+    joined into in_proj, the projection transposed), what diffusers' from_single_file converts back."""
+    first, second = pair.first, pair.second
+    if not all(getattr(e, "is_clip", False) for e in (first, second)) or not hasattr(second.model, "text_projection"):
+        raise CheckpointError("--single-file holds SDXL's CLIPTextModel + CLIPTextModelWithProjection pair only")
+    out = {SDXL_CLIP_PREFIX + k.removeprefix("text_model."): v for k, v in first.model.state_dict().items()}
+    state = second.model.state_dict()
+    projection = state.pop("text_projection.weight")
+    tower = clip_to_open_clip(state, {})
+    tower["text_projection"] = projection.T.contiguous()
+    out.update({SDXL_OPEN_CLIP_PREFIX + k: v for k, v in tower.items()})
+    return out
+
+
 def text_encoder_to_ldm(text_encoder: nn.Module, kind: str) -> dict[str, torch.Tensor]:
     """The frozen text encoder under ldm names: an OpenCLIP tower as SD 2.x files hold it (the whole tower), a
-    transformers CLIPTextModel as SD 1.x files do. Other text models have no single-file layout."""
+    transformers CLIPTextModel as SD 1.x files do, SDXL's pair as SDXL files do. Other text models have no
+    single-file layout."""
+    if hasattr(text_encoder, "second"):
+        return sdxl_text_encoders_to_ldm(text_encoder)
     if kind == "open_clip":
         return {OPEN_CLIP_PREFIX + k: v for k, v in text_encoder.tower.state_dict().items()}
     if not getattr(text_encoder, "is_clip", False) or type(text_encoder.model).__name__ != "CLIPTextModel":

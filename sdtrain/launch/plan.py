@@ -21,7 +21,8 @@ from sdtrain.config import config_error_line, to_object
 from sdtrain.errors import SdtrainError, one_line
 from sdtrain.launch.config import CONFIG_ERRORS, compose_config
 from sdtrain.models.builder import ModelConfig, build_model
-from sdtrain.models.pipeline_folder import architecture
+from sdtrain.models.conditioning import example_inputs
+from sdtrain.models.pipeline_folder import architecture, describe_text_model
 from sdtrain.training.metrics import PEAK_FLOPS, precision_key, training_flops_per_image
 
 GIB = 2**30
@@ -81,21 +82,21 @@ def saved_activation_bytes(
         return tensor
 
     with torch.device("meta"), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        unet(
-            torch.randn(1, *latent_shape),
-            torch.tensor([500]),
-            encoder_hidden_states=torch.randn(1, context_length, context_dim),
-        )
+        conditioning = example_inputs(dict(unet.config), context_length, context_dim)
+        unet(torch.randn(1, *latent_shape), torch.tensor([500]), **conditioning)
     return total, attention
 
 
 def plan(cfg: DictConfig, *, gpu: str, gpus: int, sharding: str, images: float, assumed_mfu: float) -> str:
     model_cfg: ModelConfig = to_object(cfg.model, "model", ModelConfig)
     model_cfg, text_model = architecture(model_cfg)  # a pretrained folder's configs, no weights read
+    text_model_2 = describe_text_model(model_cfg.text_encoder_2)
     precision = str(cfg.trainer.precision)
     half = precision.startswith(("bf16", "16"))
     with torch.device("meta"):  # the training builder, random init, nothing allocated
-        parts = build_model(model_cfg, pretrained=False, runtime=False, text_model=text_model)
+        parts = build_model(
+            model_cfg, pretrained=False, runtime=False, text_model=text_model, text_model_2=text_model_2
+        )
     unet, text, vae = parts.unet, parts.text_encoder, parts.vae
     trainable = sum(p.numel() for p in unet.parameters())
     frozen = sum(p.numel() for p in text.parameters()) + sum(p.numel() for p in vae.parameters())

@@ -25,7 +25,8 @@ from sdtrain.launch.entry import hydra_entry
 from sdtrain.launch.fit import fit, prepare_trainer
 from sdtrain.launch.startup import unet_lines
 from sdtrain.models.builder import ModelConfig, ModelParts, build_model
-from sdtrain.models.diffusers_parts import encoder_fingerprint
+from sdtrain.models.conditioning import needs_micro_conditioning
+from sdtrain.models.diffusers_parts import encoder_fingerprint, vae_scale_factor
 from sdtrain.models.pipeline_folder import is_inpainting_folder, scheduler_config
 from sdtrain.models.single_file import pipeline_folder
 from sdtrain.seeding import seed_everything
@@ -39,11 +40,6 @@ log = logging.getLogger("sdtrain")
 def build_module(cfg: DictConfig, data: LatentDataConfig) -> tuple[LatentDiffusionModule, LatentDataModule, ProbedData]:
     """The LightningModule (model + objective + optimizer settings), the data stream and its shards for `cfg`."""
     model: ModelConfig = to_object(cfg.model, "model", ModelConfig)
-    if model.unet.config.get("addition_embed_type"):
-        raise ConfigError(
-            "model.unet.config.addition_embed_type is set (SDXL micro-conditioning), which the training step "
-            "does not feed yet; use model=tiny|sd15|sd2"
-        )
     parts = build_model(model, read=read_weights)  # sdtrain checkpoints are valid `pretrained` files too
     diffusion = to_object(cfg.diffusion, "diffusion", DiffusionConfig)
     if model.pretrained:  # the released model's schedule, for every diffusion.* key left at its default
@@ -58,6 +54,7 @@ def build_module(cfg: DictConfig, data: LatentDataConfig) -> tuple[LatentDiffusi
         vae_encoder_sha256=encoder_fingerprint(parts.vae) if model.pretrained or model.vae.pretrained else None,
         inpainting=diffusion.inpainting,
         masked_loss=diffusion.masked_loss,
+        vae_scaling_factor=float(parts.vae.config.scaling_factor),
     )
     module = LatentDiffusionModule(
         unet=parts.unet,
@@ -87,6 +84,7 @@ def build_module(cfg: DictConfig, data: LatentDataConfig) -> tuple[LatentDiffusi
         inpainting=diffusion.inpainting,
         masked_loss=diffusion.masked_loss,
         mixture=probed.mixture,
+        micro_conditioning=vae_scale_factor(parts.vae) if needs_micro_conditioning(parts.unet) else 0,
     )
     return module, LatentDataModule(stream), probed
 

@@ -13,9 +13,11 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from torch import nn
 
 from sdtrain.errors import ConfigError
+from sdtrain.models.conditioning import needs_micro_conditioning, pooled_width
 from sdtrain.models.diffusers_parts import UNetConfig, VAEConfig, build_unet, build_vae
 from sdtrain.models.pipeline_folder import from_pipeline
 from sdtrain.models.pretrained import WeightsReader, read_weights
+from sdtrain.models.sdxl_text import SDXLTextEncoders, TokenizerPair
 from sdtrain.models.text_encoder import TextEncoderConfig, Tokenizer, build_text_encoder, build_tokenizer
 from sdtrain.models.unet_runtime import UNetRuntimeConfig, apply_runtime
 
@@ -35,6 +37,9 @@ class ModelConfig(UNetRuntimeConfig):
     unet: UNetConfig = field(default_factory=UNetConfig)
     vae: VAEConfig = field(default_factory=VAEConfig)
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    text_encoder_2: TextEncoderConfig | None = None
+    """SDXL's second text encoder (OpenCLIP-bigG: its penultimate states join the first's, its pooled projection
+    is `text_embeds`; models/sdxl_text.py); None for SD 1.x / 2.x. Filled from an SDXL `pretrained` folder."""
 
 
 @dataclass(kw_only=True)
@@ -46,6 +51,8 @@ class ModelParts:
     tokenizer: Tokenizer
     text_config: TextEncoderConfig
     """The text encoder as built (after model.pretrained filled it in)."""
+    text_config_2: TextEncoderConfig | None = None
+    """SDXL's second text encoder as built; None for SD 1.x / 2.x."""
 
 
 def build_model(
@@ -55,28 +62,25 @@ def build_model(
     runtime: bool = True,
     read: WeightsReader = read_weights,
     text_model: dict[str, Any] | None = None,
+    text_model_2: dict[str, Any] | None = None,
 ) -> ModelParts:
     """All parts of `cfg`. `pretrained=False` ignores the `pretrained` weights (random init from the configs:
-    the planner, or sampling before a checkpoint's state dict is loaded; `text_model` then describes a
-    transformers text encoder: its architecture and tokenizer files, as a checkpoint keeps them);
+    the planner, or sampling before a checkpoint's state dict is loaded; `text_model` / `text_model_2` then
+    describe transformers text encoders: architecture and tokenizer files, as a checkpoint keeps them);
     `runtime=False` leaves the U-Net's attention/checkpointing/compile settings alone; `read` reads single
     weights files (sdtrain's own formats come from sdtrain.checkpoint.weights)."""
     if cfg.pretrained and pretrained:
         cfg = from_pipeline(cfg)
-    unet_cfg, vae_cfg, text_cfg = cfg.unet, cfg.vae, cfg.text_encoder
-    architecture, files = (text_model or {}).get("config"), (text_model or {}).get("tokenizer_files")
+    unet_cfg, vae_cfg, text_cfg, text_cfg_2 = cfg.unet, cfg.vae, cfg.text_encoder, cfg.text_encoder_2
     if not pretrained:
         unet_cfg, vae_cfg = UNetConfig(config=unet_cfg.config), VAEConfig(config=vae_cfg.config)
-        if text_cfg.kind == "open_clip":
-            text_cfg = replace(text_cfg, pretrained=None)
+        text_cfg, text_cfg_2 = _without_open_clip_weights(text_cfg), _without_open_clip_weights(text_cfg_2)
     unet = build_unet(unet_cfg, read)
-    tokenizer = build_tokenizer(text_cfg, files)
-    text_encoder = build_text_encoder(text_cfg, architecture, getattr(tokenizer, "pad_token_id", None))
-    if unet.config.cross_attention_dim != text_encoder.width:
-        raise ConfigError(
-            f"model.unet.config.cross_attention_dim={unet.config.cross_attention_dim} but the text encoder "
-            f"width is {text_encoder.width}"
-        )
+    tokenizer, text_encoder = _text_part(text_cfg, text_model)
+    if text_cfg_2 is not None:
+        second_tokenizer, second = _text_part(text_cfg_2, text_model_2)
+        tokenizer, text_encoder = TokenizerPair(tokenizer, second_tokenizer), SDXLTextEncoders(text_encoder, second)
+    check_conditioning(unet, text_encoder, text_cfg_2 is not None)
     if runtime:
         apply_runtime(unet, cfg)
     return ModelParts(
@@ -85,4 +89,39 @@ def build_model(
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         text_config=text_cfg,
+        text_config_2=text_cfg_2,
     )
+
+
+def _without_open_clip_weights(text: TextEncoderConfig | None) -> TextEncoderConfig | None:
+    return replace(text, pretrained=None) if text is not None and text.kind == "open_clip" else text
+
+
+def _text_part(text: TextEncoderConfig, described: dict[str, Any] | None) -> tuple[Tokenizer, nn.Module]:
+    """(tokenizer, frozen encoder) of one text encoder config; `described` = a checkpoint's transformers model."""
+    architecture, files = (described or {}).get("config"), (described or {}).get("tokenizer_files")
+    tokenizer = build_tokenizer(text, files)
+    return tokenizer, build_text_encoder(text, architecture, getattr(tokenizer, "pad_token_id", None))
+
+
+def check_conditioning(unet: UNet2DConditionModel, text_encoder: nn.Module, sdxl: bool) -> None:
+    """The text encoder(s) give what the U-Net takes: its cross-attention width, and SDXL's pooled width."""
+    config = unet.config
+    if needs_micro_conditioning(unet) != sdxl:
+        raise ConfigError(
+            "this U-Net takes SDXL's pooled text + size conditioning (addition_embed_type=text_time): it needs "
+            "model.text_encoder_2 (an SDXL pipeline folder has text_encoder_2/)"
+            if not sdxl
+            else "model.text_encoder_2 is set but the U-Net has no SDXL added conditioning (addition_embed_type)"
+        )
+    if config.cross_attention_dim != text_encoder.width:
+        raise ConfigError(
+            f"model.unet.config.cross_attention_dim={config.cross_attention_dim} but the text encoder "
+            f"width is {text_encoder.width}"
+        )
+    if sdxl and pooled_width(dict(config)) != text_encoder.pooled_width:
+        raise ConfigError(
+            f"the U-Net's added embedding expects a pooled text width of {pooled_width(dict(config))} "
+            f"(projection_class_embeddings_input_dim - 6 x addition_time_embed_dim), text_encoder_2 gives "
+            f"{text_encoder.pooled_width}"
+        )

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from sdtrain.errors import CheckpointError
+from sdtrain.models.conditioning import TextStates
 
 # Loader workers are forked after the parent may have tokenised: keep HF tokenizers single-threaded (their
 # thread pool does not survive a fork, and says so on every worker start).
@@ -75,6 +76,9 @@ class FrozenHFText(nn.Module):
 
     def train(self, mode: bool = True) -> FrozenHFText:  # frozen: Lightning's .train() must not flip it
         return super().train(False)
+
+    def encode(self, tokens: torch.Tensor) -> TextStates:
+        return TextStates(self(tokens))
 
     @torch.no_grad()
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -18,12 +18,14 @@ from typing import Any
 from sdtrain.errors import ConfigError
 from sdtrain.models.single_file import pipeline_folder
 
-PIPELINES = ("StableDiffusionPipeline", "StableDiffusionInpaintPipeline")  # SD 1.x / 2.x layouts
+PIPELINES = ("StableDiffusionPipeline", "StableDiffusionInpaintPipeline", "StableDiffusionXLPipeline")
+SDXL = "StableDiffusionXLPipeline"
 PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+SDXL_PARTS = ("text_encoder_2", "tokenizer_2")  # SDXL's second text encoder (OpenCLIP-bigG) and its tokenizer
 
 
 def read_model_index(path: str) -> dict[str, Any]:
-    """The folder's model_index.json, checked to be an SD 1.x/2.x pipeline with every part; one-line errors."""
+    """The folder's model_index.json, checked to be an SD 1.x/2.x/XL pipeline with every part; one-line errors."""
     index_file = os.path.join(path, "model_index.json")
     if not os.path.isfile(index_file):
         raise ConfigError(f"model.pretrained={path} is not a diffusers pipeline folder (no model_index.json)")
@@ -31,9 +33,10 @@ def read_model_index(path: str) -> dict[str, Any]:
     kind = index.get("_class_name")
     if kind not in PIPELINES:
         raise ConfigError(f"model.pretrained={path} is a {kind}; sdtrain trains {', '.join(PIPELINES)} folders")
-    missing = [p for p in PARTS if not os.path.isdir(os.path.join(path, p))]
+    parts = (*PARTS, *SDXL_PARTS) if kind == SDXL else PARTS
+    missing = [p for p in parts if not os.path.isdir(os.path.join(path, p))]
     if missing:
-        raise ConfigError(f"model.pretrained={path} has no {missing[0]}/ folder (a pipeline needs {', '.join(PARTS)})")
+        raise ConfigError(f"model.pretrained={path} has no {missing[0]}/ folder (a {kind} needs {', '.join(parts)})")
     return index
 
 
@@ -41,32 +44,42 @@ def from_pipeline(cfg: Any) -> Any:
     """`cfg` (a ModelConfig) with every part not given explicitly taken from the pipeline folder `cfg.pretrained`
     (a single file's conversion, models/single_file.py)."""
     path = pipeline_folder(cfg)
-    read_model_index(path)
-    text = cfg.text_encoder
-    if not text.pretrained:
-        text = replace(
-            text,
-            kind="transformers",
-            pretrained=os.path.join(path, "text_encoder"),
-            tokenizer=text.tokenizer or os.path.join(path, "tokenizer"),
-        )
+    sdxl = read_model_index(path).get("_class_name") == SDXL
+    # SDXL reads both encoders' penultimate states (models/sdxl_text.py) unless a layer is given
+    layer = "penultimate" if sdxl else None
+    text = _folder_text_encoder(cfg.text_encoder, path, "text_encoder", "tokenizer", layer)
+    text_2 = _folder_text_encoder(cfg.text_encoder_2, path, "text_encoder_2", "tokenizer_2", layer) if sdxl else None
     return replace(
         cfg,
         unet=replace(cfg.unet, pretrained=cfg.unet.pretrained or os.path.join(path, "unet")),
         vae=replace(cfg.vae, pretrained=cfg.vae.pretrained or os.path.join(path, "vae")),
         text_encoder=text,
+        text_encoder_2=text_2 if sdxl else cfg.text_encoder_2,
+    )
+
+
+def _folder_text_encoder(text: Any, path: str, model: str, tokenizer: str, layer: str | None) -> Any:
+    """A TextEncoderConfig for the folder's `model`/`tokenizer` parts, unless the user gave its weights."""
+    from sdtrain.models.text_encoder import TextEncoderConfig
+
+    text = text or TextEncoderConfig()
+    if text.pretrained:
+        return text
+    return replace(
+        text,
+        kind="transformers",
+        pretrained=os.path.join(path, model),
+        tokenizer=text.tokenizer or os.path.join(path, tokenizer),
+        layer=text.layer or layer,
     )
 
 
 def architecture(cfg: Any) -> tuple[Any, dict[str, Any] | None]:
     """(`cfg` with the U-Net/VAE configs of its pretrained folders, the transformers text model's description as
     a checkpoint keeps it) - what `build_model(pretrained=False, text_model=...)` counts on the meta device
-    without reading any weights (sdtrain-plan). A single file is counted by its configs folder or the preset."""
-    from transformers import AutoConfig
-
-    from sdtrain.models.hf_text import text_model_class
+    without reading any weights (sdtrain-plan; SDXL's second encoder: describe_text_model). A single file is
+    counted by its configs folder or the preset."""
     from sdtrain.models.pretrained import model_folder
-    from sdtrain.models.text_encoder import tokenizer_files
 
     if cfg.pretrained and os.path.isfile(cfg.pretrained):
         cfg = replace(cfg, pretrained=cfg.pretrained_config)
@@ -79,13 +92,26 @@ def architecture(cfg: Any) -> tuple[Any, dict[str, Any] | None]:
         if folder:
             parts[name] = replace(part, config=_read_json(os.path.join(folder, "config.json"), f"model.{name}"))
     cfg = replace(cfg, **parts)
-    text = cfg.text_encoder
-    if text.kind != "transformers":
-        return cfg, None
+    return cfg, describe_text_model(cfg.text_encoder)
+
+
+def describe_text_model(text: Any) -> dict[str, Any] | None:
+    """A transformers text encoder's class, config and tokenizer files as a checkpoint keeps them (None for
+    OpenCLIP, whose architecture is its config)."""
+    from transformers import AutoConfig
+
+    from sdtrain.models.hf_text import text_model_class
+    from sdtrain.models.text_encoder import tokenizer_files
+
+    if text is None or text.kind != "transformers":
+        return None
     config = AutoConfig.from_pretrained(text.pretrained, local_files_only=True)
     name = text_model_class(config).__name__  # the class training loads it as (models/hf_text.py)
-    described = {"config": {"class": name, **config.to_dict()}, "tokenizer_files": tokenizer_files(text)}
-    return cfg, described
+    return {"config": {"class": name, **config.to_dict()}, "tokenizer_files": tokenizer_files(text)}
+
+
+def is_sdxl_folder(path: str) -> bool:
+    return read_model_index(path).get("_class_name") == SDXL
 
 
 def is_inpainting_folder(path: str) -> bool:

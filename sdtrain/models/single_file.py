@@ -1,8 +1,9 @@
 """An original-layout Stable Diffusion single file as the starting point: `model.pretrained=FILE`.
 
 FILE (.safetensors / .ckpt) holds `model.diffusion_model.*` (U-Net), `first_stage_model.*` (VAE) and
-`cond_stage_model.*` (SD 1.x: CLIP `transformer.text_model.*`; SD 2.x: the OpenCLIP tower `model.*`). It is
-converted once by diffusers' own `StableDiffusionPipeline.from_single_file` into a diffusers pipeline folder in
+`cond_stage_model.*` (SD 1.x: CLIP `transformer.text_model.*`; SD 2.x: the OpenCLIP tower `model.*`); SDXL files
+`conditioner.embedders.0.transformer.*` (CLIP-L) and `conditioner.embedders.1.model.*` (OpenCLIP-bigG). It is
+converted once by diffusers' own `StableDiffusion(XL)Pipeline.from_single_file` into a diffusers pipeline folder in
 sdtrain's cache ($SDTRAIN_CACHE, default ~/.cache/sdtrain), which then starts the run like any released folder
 (models/pipeline_folder.py). A single file carries no architecture, so the configs come from
 `model.pretrained_config=DIR` (a diffusers folder of the same model: a release, an sdtrain export; its weights are
@@ -77,11 +78,18 @@ def _preset_record(cfg: Any) -> Any:
 
 
 def _convert(path: str, cfg: Any, out: str) -> None:
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     state = tensor_shapes(path)
     layout = _layout(state, path)
     config_dir = cfg.pretrained_config
+    if layout == "sdxl" and config_dir is None:
+        raise ConfigError(
+            f"model.pretrained={path} is an SDXL single file: give its configs with model.pretrained_config=DIR "
+            "(a diffusers SDXL folder of the same model; its weights are not read)"
+        )
+    pipeline = StableDiffusionXLPipeline if layout == "sdxl" else StableDiffusionPipeline
+    extra = {} if layout == "sdxl" else {"safety_checker": None, "requires_safety_checker": False}
     with tempfile.TemporaryDirectory() as generated:
         if config_dir is None:
             config_dir = generated
@@ -89,9 +97,7 @@ def _convert(path: str, cfg: Any, out: str) -> None:
         elif not os.path.isfile(os.path.join(config_dir, "model_index.json")):
             raise ConfigError(f"model.pretrained_config={config_dir} is not a diffusers pipeline folder")
         try:
-            pipe = StableDiffusionPipeline.from_single_file(
-                path, config=config_dir, local_files_only=True, safety_checker=None, requires_safety_checker=False
-            )
+            pipe = pipeline.from_single_file(path, config=config_dir, local_files_only=True, **extra)
         except (OSError, ValueError, KeyError, RuntimeError) as exc:
             raise ConfigError(
                 f"model.pretrained={path} does not load with the configs of "
@@ -114,15 +120,16 @@ def tensor_shapes(path: str) -> dict[str, tuple[int, ...]]:
 
 
 def _layout(state: dict[str, tuple[int, ...]], path: str) -> str:
-    """sd1 (CLIP text encoder) or sd2 (OpenCLIP); one-line errors for what is not an SD 1.x/2.x file."""
-    if any(k.startswith(SDXL_PREFIX) for k in state):
-        raise ConfigError(f"model.pretrained={path} is an SDXL single file; sdtrain trains SD 1.x/2.x files")
+    """sd1 (CLIP text encoder), sd2 (OpenCLIP) or sdxl (both, as conditioner.embedders.*); one-line errors for
+    what is not an SD 1.x/2.x/XL file."""
     missing = [p for p in (UNET_PREFIX, VAE_PREFIX) if not any(k.startswith(p) for k in state)]
     if missing:
         raise ConfigError(
-            f"model.pretrained={path} is not an SD 1.x/2.x single file (no {missing[0]}* tensors; first key: "
+            f"model.pretrained={path} is not an SD 1.x/2.x/XL single file (no {missing[0]}* tensors; first key: "
             f"{next(iter(state), 'none')})"
         )
+    if any(k.startswith(SDXL_PREFIX) for k in state):
+        return "sdxl"
     if any(k.startswith(CLIP_PREFIX) for k in state):
         return "sd1"
     if any(k.startswith(OPEN_CLIP_PREFIX) for k in state):
@@ -132,8 +139,9 @@ def _layout(state: dict[str, tuple[int, ...]], path: str) -> str:
 
 def _check_complete(pipe: Any, path: str) -> None:
     """from_single_file leaves tensors the file lacks on the meta device: a file of another model."""
-    for name in ("unet", "vae", "text_encoder"):
-        meta = [k for k, v in getattr(pipe, name).state_dict().items() if v.is_meta]
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        part = getattr(pipe, name, None)
+        meta = [k for k, v in part.state_dict().items() if v.is_meta] if part is not None else []
         if meta:
             raise ConfigError(
                 f"model.pretrained={path}: {len(meta)} {name} tensors are not in the file (first: {meta[0]}) - "

@@ -23,6 +23,7 @@ from open_clip.model import CLIPTextCfg, _build_text_tower
 from torch import nn
 
 from sdtrain.errors import CheckpointError, ConfigError
+from sdtrain.models.conditioning import TextStates
 
 Tokenizer = Callable[[list[str]], torch.Tensor]
 
@@ -220,6 +221,9 @@ class FrozenOpenCLIPText(nn.Module):
 
     def train(self, mode: bool = True) -> FrozenOpenCLIPText:  # frozen: Lightning's .train() must not flip it
         return super().train(False)
+
+    def encode(self, tokens: torch.Tensor) -> TextStates:
+        return TextStates(self(tokens))
 
     @torch.no_grad()
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:

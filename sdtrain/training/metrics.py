@@ -15,6 +15,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from sdtrain.models.conditioning import example_inputs
+
 # Dense peak FLOP/s without sparsity, from the vendors' datasheets. Keys are matched against the device name.
 PEAK_FLOPS: dict[str, dict[str, float]] = {
     "H200": {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12, "tf32": 494e12},
@@ -61,14 +63,17 @@ def unet_training_flops(
     with torch.device("meta"):
         unet = unet_factory()
         latents = torch.randn(1, *latent_shape)
-        context = torch.randn(1, context_length, context_dim)
+        conditioning = example_inputs(dict(unet.config), context_length, context_dim)  # SDXL's added inputs too
         timesteps = torch.tensor([500])
-        return count_flops(lambda: unet(latents, timesteps, encoder_hidden_states=context).sample)
+        return count_flops(lambda: unet(latents, timesteps, **conditioning).sample)
 
 
 def text_encoder_flops(text_encoder: nn.Module, context_length: int) -> int:
     """Forward FLOPs of the frozen text encoder for one caption, on whatever device it is (meta included)."""
     device = next(text_encoder.parameters()).device
+    second = getattr(text_encoder, "second", None)
+    if second is not None:  # SDXL's pair: each encoder on its own tokens
+        return text_encoder_flops(text_encoder.first, context_length) + text_encoder_flops(second, context_length)
     tokens = torch.zeros(1, context_length, dtype=torch.long, device=device)
     # a transformers model is counted unmasked: the same FLOPs, and BERT's padding-mask checks read tensor values,
     # which the planner's meta tensors do not have

@@ -25,6 +25,7 @@ from sdtrain.data.loader import Tokenizer
 from sdtrain.data.normalizer import LatentNormalizer
 from sdtrain.diffusion.objective import DiffusionObjective
 from sdtrain.errors import CheckpointError
+from sdtrain.models.conditioning import TextStates, encode_text, unet_kwargs
 from sdtrain.seeding import get_rng_state, set_rng_state, step_generator
 from sdtrain.training.log_steps import logs_this_step
 from sdtrain.training.metrics import training_flops_per_image
@@ -78,20 +79,24 @@ class LatentDiffusionModule(L.LightningModule):
         """U-Net forward + backward and the frozen text encoder's forward, for MFU."""
         return training_flops_per_image(self.unet, self.latent_shape, self.text_encoder, self.tokenizer.context_length)
 
-    def forward(self, noisy: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        return self.unet(noisy, timesteps, encoder_hidden_states=context).sample
+    def forward(
+        self, noisy: torch.Tensor, timesteps: torch.Tensor, text: TextStates, micro: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return self.unet(noisy, timesteps, **unet_kwargs(text, micro)).sample
 
-    def text_context(self, batch: dict[str, Any]) -> torch.Tensor:
-        """Hidden states for the batch's captions: encoded now from tokens, or pre-encoded (`text.npy`), where
-        captions dropped for CFG training get the empty prompt's states."""
+    def text_states(self, batch: dict[str, Any]) -> TextStates:
+        """The frozen encoders' states for the batch's captions: encoded now from tokens, or pre-encoded
+        (`text.npy`). Dropped captions (CFG training) get the empty prompt's states (SD 1.x/2.x) or zeros
+        (SDXL, whose loader sends them as `dropped` beside the tokens)."""
         if "context" not in batch:
-            return self.text_encoder(batch["tokens"])
+            states = encode_text(self.text_encoder, batch["tokens"])
+            return states.zeroed(batch["dropped"]) if "dropped" in batch else states
         context = batch["context"]
         if self._empty_context is None or self._empty_context.device != context.device:
             self._empty_context = self.text_encoder(self.tokenizer([""]).to(context.device))
         # unconditionally: asking whether any caption dropped would be a host sync every step
         dropped = batch["dropped"].to(context.device)[:, None, None]
-        return torch.where(dropped, self._empty_context.to(context.dtype), context)
+        return TextStates(torch.where(dropped, self._empty_context.to(context.dtype), context))
 
     def noise_generator(self, device: torch.device) -> torch.Generator:
         step, micro = self._micro
@@ -109,7 +114,7 @@ class LatentDiffusionModule(L.LightningModule):
         )
         if self.objective.cfg.inpainting:  # the SD inpainting layout: noisy latents ++ mask ++ masked-image latents
             noisy = torch.cat([noisy, batch["mask"].to(noisy.dtype), batch["masked_latents"].to(noisy.dtype)], dim=1)
-        prediction = self(noisy, timesteps, self.text_context(batch))
+        prediction = self(noisy, timesteps, self.text_states(batch), batch.get("time_ids"))
         loss = self.objective.loss(prediction, target, timesteps, batch.get("loss_mask"))
         self.skipped.update(batch.get("skipped") or {})
         self.source_samples.update(batch.get("sources") or {})

@@ -176,11 +176,12 @@ def test_single_files_sdtrain_cannot_start_from_are_named_in_one_line(tmp_path, 
     from sdtrain.models.single_file import pipeline_folder
 
     monkeypatch.setenv("SDTRAIN_CACHE", str(tmp_path / "cache"))
-    save_file({"conditioner.embedders.0.x": torch.zeros(2)}, tmp_path / "sdxl.safetensors")
+    sdxl = {"conditioner.embedders.0.x": torch.zeros(2), "model.diffusion_model.x": torch.zeros(2)}
+    save_file({**sdxl, "first_stage_model.x": torch.zeros(2)}, tmp_path / "sdxl.safetensors")
     save_file({"model.diffusion_model.x": torch.zeros(2)}, tmp_path / "unet_only.safetensors")
     (tmp_path / "notes.txt").write_text("x")
     cases = {
-        "sdxl.safetensors": "is an SDXL single file",
+        "sdxl.safetensors": "is an SDXL single file: give its configs with model.pretrained_config=DIR",
         "unet_only.safetensors": "no first_stage_model.* tensors",
         "notes.txt": "is a file but not a .safetensors/.ckpt single file",
     }

@@ -19,8 +19,11 @@ import torch
 import torch.distributed as dist
 
 from sdtrain.data.holdout import HoldoutSet, load_holdout
+from sdtrain.data.loader import batch_time_ids
 from sdtrain.data.shards import ShardSet
 from sdtrain.errors import ConfigError
+from sdtrain.models.conditioning import encode_text, unet_kwargs
+from sdtrain.models.diffusers_parts import vae_scale_factor
 from sdtrain.seeding import validation_generator
 from sdtrain.training.callbacks.ema import find_ema
 
@@ -50,6 +53,14 @@ class ValidationConfig:
 def fixed_timesteps(count: int, num_train_timesteps: int) -> list[int]:
     """`count` timesteps at the centres of equal slices of [0, T): 8 of 1000 -> 62, 187, ..., 937."""
     return [int((i + 0.5) * num_train_timesteps / count) for i in range(count)]
+
+
+def rank_batches(indices: list[int], rank: int, world_size: int, batch_size: int) -> list[list[int]]:
+    """This rank's batches of `indices` (every world_size-th from `rank`); every rank gets the same number of
+    batches, padded with empty ones."""
+    mine = indices[rank::world_size]
+    batches = math.ceil(math.ceil(len(indices) / world_size) / batch_size)
+    return [mine[b * batch_size : (b + 1) * batch_size] for b in range(batches)]
 
 
 class FixedTimestepValidation(L.Callback):
@@ -99,8 +110,6 @@ class FixedTimestepValidation(L.Callback):
         objective = pl_module.objective
         timesteps = fixed_timesteps(self.cfg.timesteps, objective.cfg.num_train_timesteps)
         device = pl_module.device
-        mine = list(range(trainer.global_rank, len(self.holdout), trainer.world_size))
-        batches = math.ceil(math.ceil(len(self.holdout) / trainer.world_size) / self.cfg.batch_size)
         sums = torch.zeros(len(timesteps), dtype=torch.float64, device=device)
         count = torch.zeros(1, dtype=torch.float64, device=device)
         ema = find_ema(trainer) if self.cfg.weights == "ema" else None
@@ -108,13 +117,13 @@ class FixedTimestepValidation(L.Callback):
         pl_module.unet.eval()
         try:
             with ema.swapped(pl_module) if ema is not None else nullcontext():
-                for b in range(batches):
-                    chunk = mine[b * self.cfg.batch_size : (b + 1) * self.cfg.batch_size]
-                    weight = torch.ones(len(chunk), dtype=torch.float64, device=device)
-                    if not chunk:  # this rank ran out: a dummy batch keeps collectives (ZeRO-3/FSDP) in step
-                        chunk, weight = [0], torch.zeros(1, dtype=torch.float64, device=device)
-                    sums += self._batch_losses(trainer, pl_module, chunk, timesteps) @ weight
-                    count += weight.sum()
+                for group in self.holdout.groups():  # one latent shape at a time (aspect buckets)
+                    for chunk in rank_batches(group, trainer.global_rank, trainer.world_size, self.cfg.batch_size):
+                        weight = torch.ones(len(chunk), dtype=torch.float64, device=device)
+                        if not chunk:  # this rank ran out: a dummy batch keeps collectives (ZeRO-3/FSDP) in step
+                            chunk, weight = group[:1], torch.zeros(1, dtype=torch.float64, device=device)
+                        sums += self._batch_losses(trainer, pl_module, chunk, timesteps) @ weight
+                        count += weight.sum()
         finally:
             pl_module.unet.train(was_training)
         if trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
@@ -136,14 +145,19 @@ class FixedTimestepValidation(L.Callback):
         """(T, B) plain MSE per timestep and sample."""
         assert self.holdout is not None
         device = pl_module.device
-        latents = self.holdout.latents[chunk].to(device)
-        context = pl_module.text_encoder(self.holdout.tokens[chunk].to(device))
+        latents = self.holdout.stacked(chunk).to(device)
+        text = encode_text(pl_module.text_encoder, self.holdout.tokens[chunk].to(device))
+        micro = None
+        if text.pooled is not None:
+            sizes = [self.holdout.sizes[i] for i in chunk]
+            micro = batch_time_ids(sizes, latents.shape[-2:], vae_scale_factor(pl_module.vae)).to(device)
+        conditioning = unet_kwargs(text, micro)
         noise = torch.stack([self.noise(i, tuple(latents.shape[1:])) for i in chunk]).to(device)
         losses = []
         with trainer.precision_plugin.forward_context():
             for j, t in enumerate(timesteps):
                 ts = torch.full((len(chunk),), t, device=device, dtype=torch.long)
                 noisy, target = pl_module.objective.noisy_and_target(latents, noise[:, j], ts)
-                pred = pl_module.unet(noisy, ts, encoder_hidden_states=context).sample
+                pred = pl_module.unet(noisy, ts, **conditioning).sample
                 losses.append((pred.float() - target.float()).pow(2).mean(dim=(1, 2, 3)).double())
         return torch.stack(losses)

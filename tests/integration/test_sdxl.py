@@ -1,0 +1,193 @@
+"""SDXL end to end on a tiny StableDiffusionXLPipeline folder saved by diffusers itself: prompts encoded as
+diffusers' encode_prompt does, micro-conditioning from the shards' json, bucketed training + validation with
+mixed shapes, resume bit for bit, export that plain StableDiffusionXLPipeline runs at a non-square bucket with
+sdtrain's pixels, single file out and back in, and one-line errors."""
+
+import io
+import json
+import shutil
+
+import pytest
+import torch
+from diffusers import StableDiffusionXLPipeline
+from helpers import CAPTIONS, run_train, write_raw_tar
+from PIL import Image
+from pipelines import save_tiny_sdxl_pipeline
+
+from sdtrain.checkpoint.files import load_full_checkpoint
+from sdtrain.checkpoint.trained import load_trained
+from sdtrain.data.loader import LatentDataConfig, LatentStream
+from sdtrain.data.normalizer import LatentNormalizer
+from sdtrain.data.shards import iter_raw_samples, resolve_shards
+from sdtrain.diffusion.sampling import SamplingConfig, initial_noise
+from sdtrain.export.diffusers_folder import export_diffusers
+from sdtrain.models.builder import ModelConfig, build_model
+from sdtrain.models.conditioning import encode_text
+from sdtrain.prep.encode_cli import main as encode_main
+from sdtrain.sample.cli import sample_images
+
+pytestmark = pytest.mark.slow
+BUCKETS = "32x32,48x24,24x48"  # pixels; the tiny VAE halves them: latents 16x16, 12x24, 24x12
+RUN = [
+    "debug=fast",
+    "trainer.max_steps=4",
+    "data.batch_size=4",
+    "data.caption_dropout=0.3",
+    "callbacks.checkpoint.every_n_steps=2",
+    "callbacks.checkpoint.keep_last=-1",
+    "callbacks.samples.at_end=false",
+    "callbacks.validation.every_n_steps=2",
+    "callbacks.ema.decay=0.9",
+]
+
+
+def bucketed_shards(root, vae: str, n: int = 48):
+    samples = []
+    for i in range(n):  # wide, tall and square images of several sizes -> three buckets, varied crops
+        size = [(64, 32), (32, 64), (48, 48), (90, 40)][i % 4]
+        buf = io.BytesIO()
+        Image.new("RGB", size, (i * 5, 100, 200 - i * 3)).save(buf, "PNG")
+        samples.append((f"{i:04d}", buf.getvalue(), CAPTIONS[i % len(CAPTIONS)].encode(), {}, "png"))
+    write_raw_tar(root / "raw.tar", samples)
+    out = root / "latents"
+    args = [str(root / "raw.tar"), "--out", str(out), "--vae", vae, "--workers", "0", "--buckets", BUCKETS]
+    assert encode_main([*args, "--samples-per-shard", "16"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def sdxl(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sdxl")
+    folder = save_tiny_sdxl_pipeline(root / "released")
+    return folder, bucketed_shards(root, str(folder / "vae"))
+
+
+@pytest.fixture(scope="module")
+def trained(sdxl, tmp_path_factory):
+    folder, shards = sdxl
+    run = tmp_path_factory.mktemp("run") / "a"
+    args = [f"model.pretrained={folder}", f"data.shards={shards}", f"data.val_shards={shards}", *RUN]
+    result = run_train(run, *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run, args
+
+
+def test_prompts_encode_as_diffusers_sdxl_pipeline_does(sdxl):
+    folder, _ = sdxl
+    parts = build_model(ModelConfig(pretrained=str(folder)))
+    pipe = StableDiffusionXLPipeline.from_pretrained(folder, local_files_only=True)
+    prompts = ["a red apple", "grinning face", "x " * 100]
+    context, negative, pooled, negative_pooled = pipe.encode_prompt(prompts, device="cpu")
+    ours = encode_text(parts.text_encoder, parts.tokenizer(prompts))
+    assert ours.context.shape == (3, 77, 80) and ours.pooled.shape == (3, 40)
+    assert torch.equal(ours.context, context) and torch.equal(ours.pooled, pooled)
+    assert not negative.any() and not negative_pooled.any()  # force_zeros_for_empty_prompt: what sdtrain drops to
+
+
+def test_time_ids_come_from_each_samples_json(sdxl):
+    folder, shards = sdxl
+    parts = build_model(ModelConfig(pretrained=str(folder)))
+    shard_set = resolve_shards(str(shards))
+    cfg = LatentDataConfig(shards=str(shards), batch_size=4, num_workers=0, shuffle=False, caption_dropout=0.5)
+    stream = LatentStream(
+        shard_set, cfg, parts.tokenizer, latent_channels=4, normalizer=LatentNormalizer(0.13025), micro_conditioning=2
+    )
+    meta = {}
+    for shard in shard_set.shards:
+        for raw in iter_raw_samples(shard.url, print):
+            meta[raw["__key__"]] = json.loads(raw["json"])
+    seen = 0
+    for batch in [b for b, _ in zip(stream, range(6), strict=False)]:
+        assert batch["tokens"].shape == (4, 2, 77) and batch["dropped"].dtype == torch.bool
+        h, w = (s * 2 for s in batch["latents"].shape[-2:])
+        for key, row in zip(batch["keys"], batch["time_ids"].tolist(), strict=True):
+            m = meta[key]
+            assert row == [m["original_height"], m["original_width"], m["crop_top"], m["crop_left"], h, w]
+            seen += m["crop_left"] > 0 or m["crop_top"] > 0
+    assert seen  # some samples were cropped: the crop really is read
+
+
+def test_bucketed_sdxl_run_validates_all_shapes_and_resumes_bit_for_bit(trained):
+    run, args = trained
+    log = (run / "train.log").read_text()
+    assert "validation: 48 held-out samples" in log and "val/loss" in log
+    checkpoint = load_full_checkpoint(str(run / "checkpoints" / "last.ckpt"))
+    spec = checkpoint["sdtrain"]["spec"]
+    assert spec["text_model_2"]["config"]["class"] == "CLIPTextModelWithProjection"
+    assert spec["normalizer"]["scale"] == pytest.approx(0.13025)  # SDXL's own VAE scaling, from the folder
+
+    resumed = run.parent / "b"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copy2(run / "checkpoints" / "step_000002.ckpt", resumed / "checkpoints")
+    result = run_train(resumed, *args, "resume=auto")
+    assert result.returncode == 0, result.stderr[-3000:]
+    again = load_full_checkpoint(str(resumed / "checkpoints" / "last.ckpt"))
+    assert checkpoint["global_step"] == again["global_step"] == 4
+    for name, tensor in checkpoint["state_dict"].items():
+        assert torch.equal(tensor, again["state_dict"][name]), name
+
+
+def test_export_runs_in_plain_diffusers_at_a_non_square_bucket_with_the_same_pixels(trained, tmp_path):
+    run, _ = trained
+    model = load_trained(str(run / "checkpoints" / "last.ckpt"))
+    out = export_diffusers(model, str(tmp_path / "export"), single_file=str(tmp_path / "sdxl.safetensors"))
+    pipe = StableDiffusionXLPipeline.from_pretrained(out, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    pairs, shape = [("grinning face", 0), ("red apple", 1)], (4, 12, 24)  # a 48x24 px bucket
+    cfg = SamplingConfig(prompts=[p for p, _ in pairs], seeds=[0], steps=3, guidance=3.0)
+    ours = sample_images(model, pairs, cfg, batch_size=2, latent_shape=shape)
+    with torch.no_grad():
+        theirs = pipe(
+            [p for p, _ in pairs],
+            height=24,
+            width=48,
+            latents=initial_noise([s for _, s in pairs], shape, torch.device("cpu")),
+            num_inference_steps=3,
+            guidance_scale=3.0,
+            output_type="pt",
+        ).images
+    assert ours.shape == theirs.shape == (2, 3, 24, 48)
+    assert torch.allclose(ours, theirs, atol=1e-5), (ours - theirs).abs().max()
+
+    single = StableDiffusionXLPipeline.from_single_file(
+        str(tmp_path / "sdxl.safetensors"), config=out, local_files_only=True
+    )
+    for part in ("unet", "vae", "text_encoder", "text_encoder_2"):  # the single file holds the same tensors
+        left, right = getattr(pipe, part).state_dict(), getattr(single, part).state_dict()
+        assert left.keys() == right.keys() and all(torch.equal(left[k], right[k]) for k in left), part
+
+
+def test_a_single_file_with_its_configs_starts_a_run(trained, sdxl, tmp_path, monkeypatch):
+    run, _ = trained
+    folder, shards = sdxl
+    monkeypatch.setenv("SDTRAIN_CACHE", str(tmp_path / "cache"))
+    out = export_diffusers(
+        load_trained(str(run / "checkpoints" / "last.ckpt")),
+        str(tmp_path / "export"),
+        single_file=str(tmp_path / "f.safetensors"),
+    )
+    result = run_train(
+        tmp_path / "run",
+        f"model.pretrained={tmp_path / 'f.safetensors'}",
+        f"model.pretrained_config={out}",
+        f"data.shards={shards}",
+        "debug=fast",
+        "data.batch_size=4",
+        "trainer.max_steps=1",
+        env={"SDTRAIN_CACHE": str(tmp_path / "cache")},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_sdxl_mistakes_are_one_line(sdxl, tmp_path):
+    folder, shards = sdxl
+    broken = save_tiny_sdxl_pipeline(tmp_path / "no_te2", drop="text_encoder_2")
+    other = save_tiny_sdxl_pipeline(tmp_path / "other", seed=1)  # another VAE made these latents' model
+    cases = {
+        "missing text_encoder_2": ([f"model.pretrained={broken}"], "has no text_encoder_2/ folder"),
+        "latents of another VAE": ([f"model.pretrained={other}"], "another VAE"),
+    }
+    for name, (overrides, message) in cases.items():
+        result = run_train(tmp_path / name.replace(" ", "_"), *overrides, f"data.shards={shards}", "debug=fast")
+        assert result.returncode != 0, name
+        assert message in result.stderr and "Traceback" not in result.stderr, (name, result.stderr[-2000:])
