@@ -12,6 +12,7 @@ from typing import Any
 
 from torch import nn
 
+from sdtrain.config import from_values
 from sdtrain.data.normalizer import LatentNormalizer
 from sdtrain.diffusion.objective import DiffusionConfig
 from sdtrain.models.builder import ModelConfig, ModelParts
@@ -35,7 +36,9 @@ def build_spec(
     diffusion: DiffusionConfig,
     normalizer: LatentNormalizer,
     latent_shape: tuple[int, ...],
+    base_model: ModelConfig | None = None,
 ) -> dict[str, Any]:
+    """`base_model`: a LoRA run's model config, kept so its small checkpoints find their base weights again."""
     text, text_2 = parts.text_config, parts.text_config_2
     spec = {
         "unet": diffusers_config(parts.unet),
@@ -53,11 +56,17 @@ def build_spec(
         if text_2.kind == "transformers":
             second = parts.text_encoder.second.model
             spec["text_model_2"] = {"config": hf_config(second), "tokenizer_files": tokenizer_files(text_2)}
+    if base_model is not None:
+        spec["lora"] = dataclasses.asdict(base_model.lora)
+        spec["base_model"] = dataclasses.asdict(base_model)
     return spec
 
 
 def model_config(spec: dict[str, Any]) -> ModelConfig:
-    """The ModelConfig that rebuilds a spec's architecture (random init; the checkpoint's weights go in after)."""
+    """The ModelConfig that rebuilds a spec's architecture (random init; the checkpoint's weights go in after);
+    for a LoRA run, its base model config (the base weights are read from where training read them)."""
+    if spec.get("base_model"):
+        return from_values(ModelConfig, spec["base_model"], "the checkpoint's base model")
     return ModelConfig(
         unet=UNetConfig(config=spec["unet"]),
         vae=VAEConfig(config=spec["vae"]),

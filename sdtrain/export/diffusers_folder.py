@@ -33,6 +33,7 @@ from sdtrain.diffusion.sampling import build_scheduler
 from sdtrain.errors import CheckpointError
 from sdtrain.export.ldm import text_encoder_to_ldm, unet_to_ldm, vae_to_ldm
 from sdtrain.models.clip_layout import clip_to_open_clip, clip_tokenizer, open_clip_to_clip
+from sdtrain.models.lora import adapter_state, merged
 
 FORMAT = "sdtrain-export/1"
 UNUSED_TEXT_FILE = "text_encoder_unused.safetensors"
@@ -56,8 +57,18 @@ def fold_latent_shift(vae: AutoencoderKL, shift: list[float]) -> dict[str, list[
     return original
 
 
-def export_diffusers(model: TrainedModel, out: str, *, sampler: str = "ddim", single_file: str | None = None) -> str:
-    """Write the folder OUT (and, with `single_file`, one original-layout .safetensors of the same tensors)."""
+def export_diffusers(
+    model: TrainedModel, out: str, *, sampler: str = "ddim", single_file: str | None = None, merge: bool = False
+) -> str:
+    """Write the folder OUT (and, with `single_file`, one original-layout .safetensors of the same tensors). A
+    LoRA run writes its adapters in diffusers' LoRA format (export_lora), or with `merge` the full model with
+    them folded into the U-Net."""
+    if model.lora is not None:
+        if not merge:
+            if single_file:
+                raise CheckpointError("--single-file of a LoRA run needs --merge (the file holds a whole model)")
+            return export_lora(model, out)
+        model = dataclasses.replace(model, unet=merged(model.unet), lora=None)
     text_ldm = text_encoder_to_ldm(model.text_encoder, model.text_config.kind) if single_file else None
     os.makedirs(out, exist_ok=True)
     model.unet.save_pretrained(os.path.join(out, "unet"), safe_serialization=True)
@@ -88,6 +99,31 @@ def export_diffusers(model: TrainedModel, out: str, *, sampler: str = "ddim", si
             "diffusion": dataclasses.asdict(model.diffusion),
             "text_encoder": dataclasses.asdict(model.text_config),
             "text_encoder_2": dataclasses.asdict(model.text_config_2) if model.text_config_2 else None,
+        },
+    )
+    return out
+
+
+def export_lora(model: TrainedModel, out: str) -> str:
+    """OUT/pytorch_lora_weights.safetensors, written by diffusers' own save_lora_weights: what
+    `StableDiffusion(XL)Pipeline.from_pretrained(BASE).load_lora_weights(OUT)` loads."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    pipeline = StableDiffusionXLPipeline if model.text_config_2 is not None else StableDiffusionPipeline
+    pipeline.save_lora_weights(
+        out,
+        unet_lora_layers=adapter_state(model.unet),
+        unet_lora_adapter_metadata=model.unet.peft_config["default"].to_dict(),  # rank + alpha: the scale
+        safe_serialization=True,
+    )
+    _write_json(
+        os.path.join(out, "sdtrain.json"),
+        {
+            "format": FORMAT,
+            "step": model.step,
+            "weights": model.weights,
+            "lora": dataclasses.asdict(model.lora),
+            "latent_shape": list(model.latent_shape),
         },
     )
     return out

@@ -38,13 +38,22 @@ def millions(module: Any) -> str:
     return f"{sum(p.numel() for p in module.parameters()) / 1e6:,.1f}M"
 
 
+def trainable_line(unet: Any) -> str:
+    """ "860.0M trainable", or for LoRA "860.0M frozen + 3.2M LoRA adapters trainable"."""
+    trainable = sum(p.numel() for p in unet.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in unet.parameters())
+    if trainable == total:
+        return f"{millions(unet)} trainable"
+    return f"{(total - trainable) / 1e6:,.1f}M frozen + {trainable / 1e6:,.2f}M LoRA adapters trainable"
+
+
 def unet_lines(module: Any, shard_set: Any, data: Any, mixture: Any = None) -> list[str]:
     """What `sdtrain-train` trains and on what (with data.sources, each source's share of an epoch)."""
     unet = module.unet
     text = module.text_encoder
     text_name = type(getattr(text, "model", getattr(text, "tower", text))).__name__
     return [
-        f"model: U-Net {millions(unet)} trainable ({unet.config.cross_attention_dim}-d cross-attention), "
+        f"model: U-Net {trainable_line(unet)} ({unet.config.cross_attention_dim}-d cross-attention), "
         f"text encoder {text_name} {millions(text)} frozen, VAE {millions(module.vae)} frozen",
         f"data: {len(shard_set.shards)} shards, {shard_set.total_samples:,} samples, latents "
         f"{tuple(module.latent_shape)}, batch {data.batch_size}/rank, {data.num_workers} workers/rank"

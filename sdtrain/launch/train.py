@@ -72,6 +72,7 @@ def build_module(cfg: DictConfig, data: LatentDataConfig) -> tuple[LatentDiffusi
         diffusion=diffusion,
         normalizer=probed.normalizer,
         latent_shape=probed.latent_shape,
+        base_model=model if model.lora.enabled else None,
     )
     stream = partial(
         LatentStream,

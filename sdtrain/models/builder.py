@@ -15,6 +15,7 @@ from torch import nn
 from sdtrain.errors import ConfigError
 from sdtrain.models.conditioning import needs_micro_conditioning, pooled_width
 from sdtrain.models.diffusers_parts import UNetConfig, VAEConfig, build_unet, build_vae
+from sdtrain.models.lora import LoraConfig, apply_lora
 from sdtrain.models.pipeline_folder import from_pipeline
 from sdtrain.models.pretrained import WeightsReader, read_weights
 from sdtrain.models.sdxl_text import SDXLTextEncoders, TokenizerPair
@@ -37,6 +38,8 @@ class ModelConfig(UNetRuntimeConfig):
     unet: UNetConfig = field(default_factory=UNetConfig)
     vae: VAEConfig = field(default_factory=VAEConfig)
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """model.lora.rank=R: train peft LoRA adapters on the U-Net instead of all of it (models/lora.py)."""
     text_encoder_2: TextEncoderConfig | None = None
     """SDXL's second text encoder (OpenCLIP-bigG: its penultimate states join the first's, its pooled projection
     is `text_embeds`; models/sdxl_text.py); None for SD 1.x / 2.x. Filled from an SDXL `pretrained` folder."""
@@ -81,6 +84,8 @@ def build_model(
         second_tokenizer, second = _text_part(text_cfg_2, text_model_2)
         tokenizer, text_encoder = TokenizerPair(tokenizer, second_tokenizer), SDXLTextEncoders(text_encoder, second)
     check_conditioning(unet, text_encoder, text_cfg_2 is not None)
+    if cfg.lora.enabled:
+        apply_lora(unet, cfg.lora)
     if runtime:
         apply_runtime(unet, cfg)
     return ModelParts(

@@ -26,6 +26,7 @@ from sdtrain.data.normalizer import LatentNormalizer
 from sdtrain.diffusion.objective import DiffusionObjective
 from sdtrain.errors import CheckpointError
 from sdtrain.models.conditioning import TextStates, encode_text, unet_kwargs
+from sdtrain.models.lora import trainable_names
 from sdtrain.seeding import get_rng_state, set_rng_state, step_generator
 from sdtrain.training.log_steps import logs_this_step
 from sdtrain.training.metrics import training_flops_per_image
@@ -196,7 +197,7 @@ class LatentDiffusionModule(L.LightningModule):
         if getattr(self.trainer.precision_plugin, "scaler", None) is not None and self.trainer.gradient_clip_val:
             optim = dataclasses.replace(optim, fused=False)  # fp16: clipping needs unscaled grads before the step
         optimizer, scheduler = build_optimizer(
-            self.unet.parameters(),
+            [p for p in self.unet.parameters() if p.requires_grad],  # LoRA: the adapters only
             optim,
             self.trainer.max_steps,
             cpu_adam=getattr(self.trainer.strategy, "optimizer_on_cpu", False),
@@ -210,6 +211,9 @@ class LatentDiffusionModule(L.LightningModule):
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             states = [None] * dist.get_world_size()
             dist.all_gather_object(states, get_rng_state())
+        if self.spec.get("lora"):  # small checkpoints: the adapters; the base comes back from model.pretrained
+            kept = {f"unet.{name}" for name in trainable_names(self.unet)}
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in kept}
         checkpoint[SDTRAIN_KEY] = {
             "latent_shape": list(self.latent_shape),
             "skipped": dict(self.skipped),
@@ -222,6 +226,15 @@ class LatentDiffusionModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = sdtrain_state(checkpoint)
+        if self.spec.get("lora"):  # a LoRA checkpoint holds the adapters only: each must be there
+            self.strict_loading = False
+            wanted = {f"unet.{name}" for name in trainable_names(self.unet)}
+            missing = sorted(wanted - set(checkpoint.get("state_dict", {})))
+            if missing:
+                raise CheckpointError(
+                    f"the checkpoint lacks {len(missing)} of this run's LoRA adapter tensors (first: {missing[0]}): "
+                    "it was trained with other model.lora settings (or without LoRA)"
+                )
         self.skipped = Counter(state.get("skipped", {}))
         self.source_samples = Counter(state.get("source_samples", {}))
         self.nonfinite.skips = int(state.get("nonfinite_skips", 0))

@@ -62,11 +62,12 @@ def test_planner_counts_a_pipeline_folder_from_its_configs(tmp_path, capsys):
 
     folder = save_tiny_pipeline(tmp_path / "released", "sd2")
     assert plan_main(["--", f"model.pretrained={folder}"]) == 0
-    out = capsys.readouterr().out
+    # by label: saving the folder imported DeepSpeed (through accelerate), which prints to stdout
+    rows = {line.split("  ")[0]: line for line in capsys.readouterr().out.splitlines()}
     pipe = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True)
     count = lambda *parts: sum(p.numel() for part in parts for p in part.parameters())  # noqa: E731
-    assert f"{count(pipe.unet) / 1e6:,.1f} M" in out.splitlines()[0]  # the folder's U-Net, not the preset's
-    assert f"{count(pipe.text_encoder, pipe.vae) / 1e6:,.1f} M" in out.splitlines()[1]
+    assert f"{count(pipe.unet) / 1e6:,.1f} M" in rows["U-Net parameters (trainable)"]  # the folder's, not the preset's
+    assert f"{count(pipe.text_encoder, pipe.vae) / 1e6:,.1f} M" in rows["frozen parameters (text encoder + VAE)"]
 
 
 def test_planner_cli_for_sd2(capsys):
