@@ -141,3 +141,18 @@ def test_a_target_module_that_does_not_exist_is_one_line(sd1_lora, tmp_path, dat
     assert result.returncode == 2
     assert "model.lora.target_modules: 'to_qq' is no module of this U-Net" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("strategy", ["deepspeed_zero2", "fsdp"])
+def test_lora_trains_under_sharding_and_exports_its_adapters(sd1_lora, tmp_path, dataset, strategy):
+    base, _, _ = sd1_lora
+    run = tmp_path / "run"
+    extra = [f"strategy={strategy}", "trainer.devices=2", "trainer.max_steps=2", "data.batch_size=4"]
+    result = run_train(run, f"model.pretrained={base}", f"data.shards={dataset}", *LORA, *extra)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ckpt = str(run / "checkpoints" / "last.ckpt")
+    assert export_main([ckpt, str(tmp_path / "lora")]) == 0
+    model = load_trained(ckpt)
+    pipe = StableDiffusionPipeline.from_pretrained(base, local_files_only=True)
+    pipe.load_lora_weights(str(tmp_path / "lora"))
+    assert torch.allclose(_ours(model, model.latent_shape), _pixels(pipe, model.latent_shape), atol=1e-5)
