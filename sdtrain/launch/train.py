@@ -67,6 +67,7 @@ def build_module(cfg: DictConfig, data: LatentDataConfig) -> tuple[LatentDiffusi
         latent_shape=probed.latent_shape,
         seed=cfg.seed,
     )
+    module.sample_shapes = bucket_shapes(probed)
     module.spec = build_spec(
         parts=parts,
         diffusion=diffusion,
@@ -88,6 +89,22 @@ def build_module(cfg: DictConfig, data: LatentDataConfig) -> tuple[LatentDiffusi
         micro_conditioning=vae_scale_factor(parts.vae) if needs_micro_conditioning(parts.unet) else 0,
     )
     return module, LatentDataModule(stream), probed
+
+
+def bucket_shapes(probed: ProbedData) -> list[tuple[int, ...]]:
+    """The latent shapes of the data's aspect buckets (the manifest's count per shape, most samples first;
+    the probed shape first): the training grids render one per shape."""
+    channels = probed.latent_shape[0]
+    counts = (probed.shard_set.manifest.get("encode") or {}).get("latent_shapes") or {}
+    shapes = [tuple(probed.latent_shape)]
+    for key, _ in sorted(counts.items(), key=lambda kv: -kv[1]):
+        parts = key.split("x")
+        shape = (
+            (channels, int(parts[-2]), int(parts[-1])) if len(parts) == 3 and key.replace("x", "").isdigit() else None
+        )
+        if shape is not None and shape not in shapes:
+            shapes.append(shape)
+    return shapes
 
 
 def latent_channels(parts: ModelParts, diffusion: DiffusionConfig) -> int:

@@ -69,6 +69,7 @@ class LatentDiffusionModule(L.LightningModule):
         self._pending_rng: dict[str, Any] | None = None
         self.run_metadata: dict[str, Any] = {}  # saved with checkpoints (e.g. the W&B run id)
         self._empty_context: torch.Tensor | None = None  # the frozen encoder's states for "", made once
+        self.sample_shapes: list[tuple[int, ...]] = [tuple(latent_shape)]  # aspect buckets: a grid per shape
         self.spec: dict[str, Any] = {}  # how to rebuild the model from the checkpoint alone (checkpoint/spec.py)
 
     @property
@@ -76,9 +77,11 @@ class LatentDiffusionModule(L.LightningModule):
         """What EMA follows."""
         return self.unet
 
-    def training_flops_per_image(self) -> int:
-        """U-Net forward + backward and the frozen text encoder's forward, for MFU."""
-        return training_flops_per_image(self.unet, self.latent_shape, self.text_encoder, self.tokenizer.context_length)
+    def training_flops_per_image(self, latent_shape: tuple[int, ...] | None = None) -> int:
+        """U-Net forward + backward and the frozen text encoder's forward, for MFU, at `latent_shape` (an aspect
+        bucket's; default the data's first)."""
+        shape = tuple(latent_shape or self.latent_shape)
+        return training_flops_per_image(self.unet, shape, self.text_encoder, self.tokenizer.context_length)
 
     def forward(
         self, noisy: torch.Tensor, timesteps: torch.Tensor, text: TextStates, micro: torch.Tensor | None = None

@@ -35,7 +35,6 @@ RUN = [
     "data.caption_dropout=0.3",
     "callbacks.checkpoint.every_n_steps=2",
     "callbacks.checkpoint.keep_last=-1",
-    "callbacks.samples.at_end=false",
     "callbacks.validation.every_n_steps=2",
     "callbacks.ema.decay=0.9",
 ]
@@ -111,6 +110,8 @@ def test_bucketed_sdxl_run_validates_all_shapes_and_resumes_bit_for_bit(trained)
     run, args = trained
     log = (run / "train.log").read_text()
     assert "validation: 48 held-out samples" in log and "val/loss" in log
+    grids = sorted(p.name for p in (run / "samples").glob("step_000004_*.png"))
+    assert grids == ["step_000004_24x48.png", "step_000004_32x32.png", "step_000004_48x24.png"]  # one per bucket
     checkpoint = load_full_checkpoint(str(run / "checkpoints" / "last.ckpt"))
     spec = checkpoint["sdtrain"]["spec"]
     assert spec["text_model_2"]["config"]["class"] == "CLIPTextModelWithProjection"

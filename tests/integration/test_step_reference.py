@@ -120,3 +120,15 @@ def test_lightning_step_equals_bare_pytorch_loop(objective_name):
     for name, value in module.unet.state_dict().items():
         assert torch.allclose(value, bare[name], atol=1e-6, rtol=1e-5), name
     assert any(not torch.equal(bare[n], v) for n, v in _parts()[0].state_dict().items())  # it did train
+
+
+def test_mfu_counts_each_aspect_bucket_at_its_own_shape():
+    """Batches of another bucket cost what their shape costs: FLOPs are counted per latent shape (once each)."""
+    from sdtrain.training.callbacks.throughput import ThroughputCallback
+
+    module = tiny_module(DiffusionConfig(), OptimConfig())
+    callback = ThroughputCallback()
+    square, wide = callback.flops_at(module, (4, 8, 8)), callback.flops_at(module, (4, 8, 16))
+    assert square == module.training_flops_per_image() and wide == module.training_flops_per_image((4, 8, 16))
+    assert 1.5 * square < wide < 2.5 * square  # convolutions linear in pixels, attention a little more
+    assert callback.flops_at(module, (4, 8, 16)) == wide and len(callback._flops_by_shape) == 2

@@ -81,8 +81,17 @@ class SampleGridCallback(L.Callback):
         return [(p, s) for p in self.cfg.prompts for s in self.cfg.seeds]
 
     def render(self, trainer: L.Trainer, pl_module: L.LightningModule) -> str | None:
-        """All ranks call this; returns the PNG path on rank 0."""
+        """All ranks call this; returns the (first) PNG path on rank 0. With aspect buckets one grid per bucket
+        shape (`pl_module.sample_shapes`), each at its size; img2img/inpainting grids at the first shape."""
         self._last_step = trainer.global_step
+        shapes = list(getattr(pl_module, "sample_shapes", None) or [pl_module.latent_shape])
+        shapes = shapes[:1] if self._edit is not None else shapes
+        paths = [self._render_shape(trainer, pl_module, tuple(shape), len(shapes) > 1) for shape in shapes]
+        return paths[0]
+
+    def _render_shape(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, shape: tuple[int, ...], named: bool
+    ) -> str | None:
         pairs = self.pairs()
         rank, world = trainer.global_rank, trainer.world_size
         per_rank = math.ceil(len(pairs) / world)
@@ -102,7 +111,7 @@ class SampleGridCallback(L.Callback):
                     normalizer=pl_module.normalizer,
                     prompts=[pairs[i][0] for i in padded],
                     seeds=[pairs[i][1] for i in padded],
-                    latent_shape=pl_module.latent_shape,
+                    latent_shape=shape,
                     cfg=self.cfg,
                     train_scheduler_config=pl_module.objective.cfg.scheduler_config(),
                     edit=self._edit_for(padded),
@@ -118,17 +127,19 @@ class SampleGridCallback(L.Callback):
         if rank != 0:
             return None
         ordered = [img for _, img in sorted(ours, key=lambda x: x[0])]
-        return self._save(trainer, torch.stack(ordered))
+        size = f"{images.shape[-1]}x{images.shape[-2]}" if named else None  # width x height, as buckets are named
+        return self._save(trainer, torch.stack(ordered), size)
 
-    def _save(self, trainer: L.Trainer, images: torch.Tensor) -> str:
+    def _save(self, trainer: L.Trainer, images: torch.Tensor, size: str | None = None) -> str:
         os.makedirs(self.out_dir, exist_ok=True)
-        path = os.path.join(self.out_dir, f"step_{trainer.global_step:06d}.png")
+        name = f"step_{trainer.global_step:06d}" + (f"_{size}" if size else "")
+        path = os.path.join(self.out_dir, f"{name}.png")
         labelled_grid(images, list(self.cfg.prompts), len(self.cfg.seeds)).save(path)
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):  # each image with its prompt and seed as the caption
                 pairs = self.pairs()
                 logger.log_image(
-                    "samples",
+                    f"samples/{size}" if size else "samples",
                     list(images),
                     step=trainer.global_step,
                     caption=[f"{prompt} (seed {seed})" for prompt, seed in pairs],

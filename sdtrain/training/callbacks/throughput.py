@@ -22,7 +22,9 @@ from sdtrain.training.metrics import mfu, peak_flops
 class ThroughputCallback(L.Callback):
     def __init__(self, *, peak_flops_override: float | None = None) -> None:
         self.peak_flops_override = peak_flops_override
-        self.flops_per_image = 0
+        self.flops_per_image = 0  # at the data's first latent shape
+        self._flops_by_shape: dict[tuple[int, ...], int] = {}  # aspect buckets: each shape counted once
+        self._flops = 0.0  # this window's, summed per batch at its shape
         self.peak: float | None = None
         self._window_start: float | None = None
         self._last_end = self._wait = 0.0
@@ -31,12 +33,13 @@ class ThroughputCallback(L.Callback):
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.flops_per_image = pl_module.training_flops_per_image()
+        self._flops_by_shape = {tuple(pl_module.latent_shape): self.flops_per_image}
         device = pl_module.device
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
         self.peak = peak_flops(name, str(trainer.precision), self.peak_flops_override)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._window_start, self._images, self._steps, self._wait = None, 0, 0, 0.0
+        self._window_start, self._images, self._steps, self._wait, self._flops = None, 0, 0, 0.0, 0.0
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, i: int) -> None:
         now = time.perf_counter()
@@ -52,14 +55,22 @@ class ThroughputCallback(L.Callback):
             self._window_start = now
             return
         self._images += len(batch["keys"])
+        self._flops += len(batch["keys"]) * self.flops_at(pl_module, tuple(batch["latents"].shape[1:]))
         self._steps += 1
         if logs_this_step(trainer):
             self._log_window(trainer, pl_module, now)
 
+    def flops_at(self, pl_module: L.LightningModule, shape: tuple[int, ...]) -> int:
+        """FLOPs per image at a batch's latent shape (counted on the meta device the first time it is seen)."""
+        if shape not in self._flops_by_shape:
+            self._flops_by_shape[shape] = pl_module.training_flops_per_image(shape)
+        return self._flops_by_shape[shape]
+
     def _log_window(self, trainer: L.Trainer, pl_module: L.LightningModule, now: float) -> None:
         elapsed = max(now - self._window_start, 1e-9)
         per_rank = self._images / elapsed
-        achieved = self.flops_per_image * per_rank
+        achieved = self._flops / elapsed  # each batch at its own bucket's FLOPs
+        per_image = self._flops / max(self._images, 1)
         metrics = {
             "perf/images_per_s": per_rank * trainer.world_size,
             "perf/images_per_s_per_rank": per_rank,
@@ -67,9 +78,9 @@ class ThroughputCallback(L.Callback):
             "perf/data_wait_fraction": self._wait / elapsed,
             "perf/tflops_per_s_per_rank": achieved / 1e12,
         }
-        utilisation = mfu(self.flops_per_image, per_rank, self.peak)
+        utilisation = mfu(per_image, per_rank, self.peak)
         if utilisation is not None:
             metrics["perf/mfu"] = utilisation
         pl_module.log_dict(metrics)
         self.images_per_s = metrics["perf/images_per_s"]
-        self._window_start, self._images, self._steps, self._wait = now, 0, 0, 0.0
+        self._window_start, self._images, self._steps, self._wait, self._flops = now, 0, 0, 0.0, 0.0
