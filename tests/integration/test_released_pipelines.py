@@ -124,7 +124,7 @@ def test_folders_and_files_that_are_not_pipelines_are_one_line_errors(tmp_path, 
     save_file({"encoder.weight": torch.zeros(2)}, tmp_path / "file.safetensors")
     cases = {
         str(tmp_path / "notapipe"): "is not a diffusers pipeline folder (no model_index.json)",
-        str(tmp_path / "file.safetensors"): "is not an SD 1.x/2.x single file (no model.diffusion_model.* tensors",
+        str(tmp_path / "file.safetensors"): "is not an SD 1.x/2.x/XL single file (no model.diffusion_model.* tensors",
     }
     for path, message in cases.items():
         result = run_train(
