@@ -11,6 +11,18 @@ import torch
 
 from sdtrain.models.clip_layout import clip_tokenizer
 
+TINY_VAE = dict(  # both layouts' AutoencoderKL: 2x downsampling, 4 latent channels
+    in_channels=3,
+    out_channels=3,
+    latent_channels=4,
+    block_out_channels=(16, 32),
+    down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+    up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+    layers_per_block=1,
+    norm_num_groups=8,
+    sample_size=16,
+)
+
 
 def save_tiny_pipeline(
     out: Path, version: str = "sd1", seed: int = 0, *, inpainting: bool = False, vae: str | None = None
@@ -53,21 +65,7 @@ def save_tiny_pipeline(
         use_linear_projection=sd2,
         norm_num_groups=8,
     )
-    vae = (
-        AutoencoderKL.from_pretrained(vae)
-        if vae
-        else AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            latent_channels=4,
-            block_out_channels=(16, 32),
-            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-            layers_per_block=1,
-            norm_num_groups=8,
-            sample_size=16,
-        )
-    )
+    vae = AutoencoderKL.from_pretrained(vae) if vae else AutoencoderKL(**TINY_VAE)
     scheduler = DDIMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
@@ -134,18 +132,7 @@ def save_tiny_sdxl_pipeline(out: Path, seed: int = 0, *, drop: str | None = None
         projection_class_embeddings_input_dim=40 + 6 * 8,
         norm_num_groups=8,
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        block_out_channels=(16, 32),
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        layers_per_block=1,
-        norm_num_groups=8,
-        sample_size=16,
-        scaling_factor=0.13025,
-    )
+    vae = AutoencoderKL(**TINY_VAE, scaling_factor=0.13025)
     scheduler = EulerDiscreteScheduler(
         beta_start=0.00085,
         beta_end=0.012,

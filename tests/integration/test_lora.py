@@ -112,16 +112,21 @@ def test_export_loads_with_load_lora_weights_and_merge_equals_base_plus_lora(sd1
         assert torch.allclose(tensor, theirs, atol=1e-6), name
 
 
-def test_lora_on_sdxl_trains_under_ddp_and_loads_in_diffusers(tmp_path):
-    base = save_tiny_sdxl_pipeline(tmp_path / "released")
-    shards = bucketed_shards(tmp_path, str(base / "vae"), n=32)
+def _train_and_export(tmp_path, base, shards, strategy: str, batch_size: int):
+    """Two steps of LoRA on 2 ranks under `strategy`, exported to tmp_path/lora; the model load_trained gives."""
     run = tmp_path / "run"
-    extra = ["strategy=ddp", "trainer.devices=2", "data.batch_size=2", "trainer.max_steps=2"]
+    extra = [f"strategy={strategy}", "trainer.devices=2", "trainer.max_steps=2", f"data.batch_size={batch_size}"]
     result = run_train(run, f"model.pretrained={base}", f"data.shards={shards}", *LORA, *extra)
     assert result.returncode == 0, result.stderr[-3000:]
     ckpt = str(run / "checkpoints" / "last.ckpt")
     assert export_main([ckpt, str(tmp_path / "lora")]) == 0
-    model = load_trained(ckpt)
+    return load_trained(ckpt)
+
+
+def test_lora_on_sdxl_trains_under_ddp_and_loads_in_diffusers(tmp_path):
+    base = save_tiny_sdxl_pipeline(tmp_path / "released")
+    shards = bucketed_shards(tmp_path, str(base / "vae"), n=32)
+    model = _train_and_export(tmp_path, base, shards, "ddp", batch_size=2)
     pipe = StableDiffusionXLPipeline.from_pretrained(base, local_files_only=True)
     pipe.scheduler = build_scheduler("ddim", model.diffusion.scheduler_config())  # the release ships Euler
     pipe.load_lora_weights(str(tmp_path / "lora"))
@@ -146,13 +151,7 @@ def test_a_target_module_that_does_not_exist_is_one_line(sd1_lora, tmp_path, dat
 @pytest.mark.parametrize("strategy", ["deepspeed_zero2", "fsdp"])
 def test_lora_trains_under_sharding_and_exports_its_adapters(sd1_lora, tmp_path, dataset, strategy):
     base, _, _ = sd1_lora
-    run = tmp_path / "run"
-    extra = [f"strategy={strategy}", "trainer.devices=2", "trainer.max_steps=2", "data.batch_size=4"]
-    result = run_train(run, f"model.pretrained={base}", f"data.shards={dataset}", *LORA, *extra)
-    assert result.returncode == 0, result.stderr[-3000:]
-    ckpt = str(run / "checkpoints" / "last.ckpt")
-    assert export_main([ckpt, str(tmp_path / "lora")]) == 0
-    model = load_trained(ckpt)
+    model = _train_and_export(tmp_path, base, dataset, strategy, batch_size=4)
     pipe = StableDiffusionPipeline.from_pretrained(base, local_files_only=True)
     pipe.load_lora_weights(str(tmp_path / "lora"))
     assert torch.allclose(_ours(model, model.latent_shape), _pixels(pipe, model.latent_shape), atol=1e-5)
