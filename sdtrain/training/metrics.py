@@ -99,14 +99,15 @@ def training_flops_per_image(
     return unet_flops + text_encoder_flops(text_encoder, context_length)
 
 
-def autoencoder_training_flops(config: dict[str, Any], resolution: int, train_encoder: bool = True) -> int:
-    """A diffusers AutoencoderKL's encode + decode for one square image, with the backward of what is trained
-    (decoder-only fine-tuning runs the encoder forward only), counted on the meta device."""
+def autoencoder_training_flops(config: dict[str, Any], size: int | tuple[int, int], train_encoder: bool = True) -> int:
+    """A diffusers AutoencoderKL's encode + decode for one image of `size` (square if an int), with the backward
+    of what is trained (decoder-only fine-tuning runs the encoder forward only), counted on the meta device."""
     from diffusers import AutoencoderKL
 
     with torch.device("meta"):
         vae = AutoencoderKL.from_config(config)
-        images = torch.randn(1, config.get("in_channels", 3), resolution, resolution)
+        height, width = (size, size) if isinstance(size, int) else size
+        images = torch.randn(1, config.get("in_channels", 3), height, width)
         if train_encoder:
             return count_flops(lambda: vae.decode(vae.encode(images).latent_dist.mode()).sample)
         encode = count_flops(lambda: vae.encode(images).latent_dist.mode(), backward=False)

@@ -77,6 +77,11 @@ class LatentDiffusionModule(L.LightningModule):
         """What EMA follows."""
         return self.unet
 
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """One training sample's shape, where the default FLOP count is taken (see ThroughputCallback)."""
+        return tuple(self.latent_shape)
+
     def training_flops_per_image(self, latent_shape: tuple[int, ...] | None = None) -> int:
         """U-Net forward + backward and the frozen text encoder's forward, for MFU, at `latent_shape` (an aspect
         bucket's; default the data's first)."""

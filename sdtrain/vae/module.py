@@ -69,8 +69,14 @@ class AutoencoderModule(L.LightningModule):
         """What EMA follows and DIR/vae/ is written from."""
         return self.vae
 
-    def training_flops_per_image(self) -> int:
-        return autoencoder_training_flops(dict(self.vae.config), self.resolution, self.train_encoder)
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """One training sample's shape, where the default FLOP count is taken (see ThroughputCallback)."""
+        return (self.vae.config.in_channels, self.resolution, self.resolution)
+
+    def training_flops_per_image(self, input_shape: tuple[int, ...] | None = None) -> int:
+        size = tuple((input_shape or self.input_shape)[-2:])
+        return autoencoder_training_flops(dict(self.vae.config), size, self.train_encoder)
 
     def _generator(self, device: torch.device) -> torch.Generator:
         step, micro = self._micro

@@ -21,6 +21,7 @@ from helpers import run_train_cases, run_train_vae
 from sdtrain.launch.config import compose_config
 from sdtrain.models.diffusers_parts import encoder_fingerprint
 from sdtrain.seeding import step_generator
+from sdtrain.training.callbacks.throughput import ThroughputCallback
 from sdtrain.training.optim import OptimConfig
 from sdtrain.vae.data import read_held_out
 from sdtrain.vae.losses import InceptionPerceptual, PatchDiscriminator, VAELossConfig, gan_losses
@@ -85,10 +86,18 @@ def test_a_training_step_equals_a_bare_pytorch_loop():
     ref_disc.load_state_dict(module.discriminator.state_dict())
     batches = [{"pixels": torch.rand(4, 3, 32, 32) * 2 - 1, "keys": ["k"] * 4, "skipped": {}} for _ in range(3)]
 
+    throughput = ThroughputCallback()  # the VAE job's MFU, counted at the batches' pixel shape
     trainer = L.Trainer(
-        max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False
+        max_steps=3,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        callbacks=[throughput],
+        log_every_n_steps=1,
     )
     trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
+    assert throughput._flops_by_shape == {(3, 32, 32): module.training_flops_per_image()} and throughput.images_per_s
 
     perceptual = InceptionPerceptual(loss_cfg.perceptual_size)
     opt = torch.optim.AdamW(

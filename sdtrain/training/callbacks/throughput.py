@@ -22,7 +22,7 @@ from sdtrain.training.metrics import mfu, peak_flops
 class ThroughputCallback(L.Callback):
     def __init__(self, *, peak_flops_override: float | None = None) -> None:
         self.peak_flops_override = peak_flops_override
-        self.flops_per_image = 0  # at the data's first latent shape
+        self.flops_per_image = 0  # at the module's input_shape (the data's first latent shape)
         self._flops_by_shape: dict[tuple[int, ...], int] = {}  # aspect buckets: each shape counted once
         self._flops = 0.0  # this window's, summed per batch at its shape
         self.peak: float | None = None
@@ -33,7 +33,7 @@ class ThroughputCallback(L.Callback):
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.flops_per_image = pl_module.training_flops_per_image()
-        self._flops_by_shape = {tuple(pl_module.latent_shape): self.flops_per_image}
+        self._flops_by_shape = {tuple(pl_module.input_shape): self.flops_per_image}
         device = pl_module.device
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
         self.peak = peak_flops(name, str(trainer.precision), self.peak_flops_override)
@@ -55,13 +55,13 @@ class ThroughputCallback(L.Callback):
             self._window_start = now
             return
         self._images += len(batch["keys"])
-        self._flops += len(batch["keys"]) * self.flops_at(pl_module, tuple(batch["latents"].shape[1:]))
+        self._flops += len(batch["keys"]) * self.flops_at(pl_module, input_shape(batch))
         self._steps += 1
         if logs_this_step(trainer):
             self._log_window(trainer, pl_module, now)
 
     def flops_at(self, pl_module: L.LightningModule, shape: tuple[int, ...]) -> int:
-        """FLOPs per image at a batch's latent shape (counted on the meta device the first time it is seen)."""
+        """FLOPs per image at a batch's sample shape (counted on the meta device the first time it is seen)."""
         if shape not in self._flops_by_shape:
             self._flops_by_shape[shape] = pl_module.training_flops_per_image(shape)
         return self._flops_by_shape[shape]
@@ -84,3 +84,8 @@ class ThroughputCallback(L.Callback):
         pl_module.log_dict(metrics)
         self.images_per_s = metrics["perf/images_per_s"]
         self._window_start, self._images, self._steps, self._wait, self._flops = now, 0, 0, 0.0, 0.0
+
+
+def input_shape(batch: dict[str, Any]) -> tuple[int, ...]:
+    """One sample's shape: latents for the U-Net, pixels for the VAE."""
+    return tuple((batch["latents"] if "latents" in batch else batch["pixels"]).shape[1:])
