@@ -31,6 +31,7 @@ from sdtrain.data.samples import (
     checked_latent,
     decode_caption,
     decode_loss_mask,
+    decode_pooled,
     decode_size_conditioning,
     decode_text,
     posterior_sample,
@@ -90,21 +91,22 @@ class Pending(NamedTuple):
     latent: np.ndarray
     caption: str
     key: str
-    text: np.ndarray | None
+    text: np.ndarray | None  # data.text_embeddings: text.npy (L, D)
     inpaint: tuple[np.ndarray, np.ndarray] | None = None  # (K masks, K masked-image moments)
     loss_mask: np.ndarray | None = None  # (h, w) loss weights in [0, 1]; None = 1 everywhere
     source: int = 0  # index into data.sources
     size: tuple[int, int, int, int] | None = None  # SDXL: original (h, w), crop (top, left) from the json
+    pooled: np.ndarray | None = None  # SDXL with data.text_embeddings: pooled.npy (P,)
 
 
 class LatentStream(IterableDataset):
     """Yields dict batches forever: latents (B,C,h,w) float32, tokens (B,L) int64 (or with data.text_embeddings:
-    context (B,L,D) float32 + dropped (B,) bool), keys (sample keys), skipped ({reason: count} of samples dropped
-    since the previous batch of this worker); with `inpainting`, also mask (B,1,h,w) float32 and masked_latents
-    (B,C,h,w), normalised; with `masked_loss`, loss_mask (B,1,h,w) float32 (ones for samples without a mask);
-    with `micro_conditioning` (SDXL: pixels per latent), time_ids (B,6) float32 and dropped (B,) bool, the
-    dropped captions' tokens left as they are (the model zeroes their embeddings, SDXL's convention). A batch
-    holds one latent shape (aspect buckets)."""
+    context (B,L,D) float32 + dropped (B,) bool, + SDXL's pooled (B,P) float32), keys (sample keys), skipped
+    ({reason: count} of samples dropped since the previous batch of this worker); with `inpainting`, also mask
+    (B,1,h,w) float32 and masked_latents (B,C,h,w), normalised; with `masked_loss`, loss_mask (B,1,h,w) float32
+    (ones for samples without a mask); with `micro_conditioning` (SDXL: pixels per latent), time_ids (B,6)
+    float32 and dropped (B,) bool, the dropped captions' tokens left as they are (the model zeroes their
+    embeddings, SDXL's convention). A batch holds one latent shape (aspect buckets)."""
 
     def __init__(
         self,
@@ -285,11 +287,12 @@ class LatentStream(IterableDataset):
         latent = checked_latent(raw, field, self.latent_channels)
         caption = decode_caption(raw)
         text = decode_text(raw) if self.cfg.text_embeddings else None
+        pooled = decode_pooled(raw) if self.cfg.text_embeddings and self.micro_conditioning else None
         inpaint = checked_inpainting(raw, latent.shape) if self.inpainting else None
         loss_mask = decode_loss_mask(raw, latent.shape[-2:]) if self.masked_loss else None
         source = raw.get("__source__", 0)
         size = decode_size_conditioning(raw) if self.micro_conditioning else None
-        pending = Pending(latent, caption, raw["__key__"], text, inpaint, loss_mask, source, size)
+        pending = Pending(latent, caption, raw["__key__"], text, inpaint, loss_mask, source, size, pooled)
         return (field.kind, latent.shape), pending
 
     def _check_skip_rate(self, reads: int, raw: dict[str, Any], exc: SampleError) -> None:
@@ -306,8 +309,10 @@ class LatentStream(IterableDataset):
         out = {"latents": latents, "keys": [p.key for p in batch], "skipped": skipped}
         if self.mixture is not None:
             out["sources"] = dict(Counter(self.mixture.names[p.source] for p in batch))
-        if self.cfg.text_embeddings:  # hidden states instead of tokens; dropped captions get the empty prompt's
+        if self.cfg.text_embeddings:  # hidden states instead of tokens; the module applies `dropped`
             out["context"] = torch.from_numpy(np.stack([p.text for p in batch]).astype(np.float32))
+            if self.micro_conditioning:
+                out["pooled"] = torch.from_numpy(np.stack([p.pooled for p in batch]).astype(np.float32))
             out["dropped"] = torch.from_numpy(dropped)
         elif self.micro_conditioning:  # SDXL: zeroed embeddings for dropped captions (the module applies them)
             out["tokens"] = self.tokenizer([p.caption for p in batch])

@@ -78,20 +78,35 @@ def probe_dataset(
     return tuple(latent.shape)
 
 
-def check_text_embeddings(manifest: dict[str, Any], text_config: Any) -> None:
-    """Pre-encoded text.npy is only usable from the very text encoder this run has (never silently mixed);
-    `text_config` is that encoder's TextEncoderConfig (its identity fingerprints the weights by content;
-    manifests from before fingerprints, without `kind`, are compared by their old record)."""
-    recorded = (manifest or {}).get("text_encoder")
+def check_text_embeddings(manifest: dict[str, Any], text_config: Any, text_config_2: Any = None) -> None:
+    """Pre-encoded text.npy is only usable from the very text encoder(s) this run has (never silently mixed);
+    `text_config` (and SDXL's `text_config_2`) are those encoders' TextEncoderConfigs (their identity
+    fingerprints the weights by content; manifests from before fingerprints, without `kind`, are compared by
+    their old record)."""
+    manifest = manifest or {}
+    recorded = manifest.get("text_encoder")
     if not recorded:
         raise DataError("data.text_embeddings=true but the manifest names no text encoder (shards without text.npy)")
+    recorded_2 = manifest.get("text_encoder_2")
+    if bool(recorded_2) != (text_config_2 is not None):
+        there, here = ("SDXL's two", "one") if recorded_2 else ("one", "SDXL's two")
+        raise DataError(
+            f"the shards' text.npy came from {there} text encoder(s), this run has {here}; set "
+            "data.text_embeddings=false to encode the captions instead"
+        )
+    _same_text_encoder(recorded, text_config, "model.text_encoder")
+    if text_config_2 is not None:
+        _same_text_encoder(recorded_2, text_config_2, "model.text_encoder_2")
+
+
+def _same_text_encoder(recorded: dict[str, Any], text_config: Any, key: str) -> None:
     expected = text_config.identity() if "kind" in recorded else text_config.legacy_identity()
     differ = sorted(k for k in expected if recorded.get(k) != expected[k])
     if differ:
         k = differ[0]
         raise DataError(
             f"the shards' text.npy came from another text encoder ({k}: {recorded.get(k)!r} there, {expected[k]!r} "
-            "in model.text_encoder); set data.text_embeddings=false to encode the captions instead"
+            f"in {key}); set data.text_embeddings=false to encode the captions instead"
         )
 
 
@@ -113,6 +128,7 @@ def probe(
     *,
     latent_channels: int,
     text_config: Any,
+    text_config_2: Any = None,
     vae_encoder_sha256: str | None = None,
     inpainting: bool = False,
     masked_loss: bool = False,
@@ -131,6 +147,6 @@ def probe(
     shapes = [probe_dataset(first, cfg, latent_channels, inpainting, masked_loss) for first in firsts]
     latent_shape = shapes[0]  # of the first source; each source's first sample is checked
     if cfg.text_embeddings:
-        check_text_embeddings(shard_set.manifest, text_config)
+        check_text_embeddings(shard_set.manifest, text_config, text_config_2)
     normalizer = LatentNormalizer.resolve(cfg.scaling_factor, cfg.shift_factor, shard_set.manifest, vae_scaling_factor)
     return ProbedData(shard_set, latent_shape, normalizer, mixture)

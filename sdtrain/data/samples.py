@@ -24,6 +24,9 @@ MOMENTS_MEMBER = "inpaint_moments.npy"
 # Masked loss (diffusion.masked_loss): a per-pixel loss weight in [0, 1], 1 = learn, at latent or pixel size.
 LOSS_MASK_MEMBER = "mask.npy"  # what sdtrain-encode writes: float16 (h, w)
 LOSS_MASK_MEMBERS = (LOSS_MASK_MEMBER, "mask.png")
+# Pre-encoded text (data.text_embeddings): hidden states (L, D); SDXL adds the pooled embedding (P,).
+TEXT_MEMBER = "text.npy"
+POOLED_MEMBER = "pooled.npy"
 # Same clamp as diffusers' DiagonalGaussianDistribution, so a posterior sample matches the VAE's own.
 LOGVAR_RANGE = (-30.0, 20.0)
 
@@ -144,15 +147,25 @@ def decode_latent(
 
 def decode_text(sample: dict[str, Any]) -> np.ndarray:
     """Pre-encoded text hidden states (L, D) from `text.npy` (data.text_embeddings)."""
-    if "text.npy" not in sample:
-        raise SampleError("missing_text", "sample has no text.npy (data.text_embeddings=true)")
+    return _float_member(sample, TEXT_MEMBER, "text", 2, "(L, D)")
+
+
+def decode_pooled(sample: dict[str, Any]) -> np.ndarray:
+    """SDXL's pre-encoded pooled text embedding (P,) from `pooled.npy` (data.text_embeddings)."""
+    return _float_member(sample, POOLED_MEMBER, "pooled", 1, "(P,)")
+
+
+def _float_member(sample: dict[str, Any], member: str, reason: str, ndim: int, shape: str) -> np.ndarray:
+    if member not in sample:
+        raise SampleError(f"missing_{reason}", f"sample has no {member} (data.text_embeddings=true)")
+    bad = f"bad_{reason}_npy"
     try:
-        text = np.load(io.BytesIO(sample["text.npy"]), allow_pickle=False)
+        array = np.load(io.BytesIO(sample[member]), allow_pickle=False)
     except Exception as exc:  # noqa: BLE001 - np.load raises many types for garbage input
-        raise SampleError("bad_text_npy", f"cannot parse text.npy: {exc}") from None
-    if text.ndim != 2 or text.dtype not in (np.float16, np.float32) or not np.isfinite(text).all():
-        raise SampleError("bad_text_npy", f"text.npy must be finite float (L, D), got {text.dtype} {text.shape}")
-    return text
+        raise SampleError(bad, f"cannot parse {member}: {exc}") from None
+    if array.ndim != ndim or array.dtype not in (np.float16, np.float32) or not np.isfinite(array).all():
+        raise SampleError(bad, f"{member} must be finite float {shape}, got {array.dtype} {array.shape}")
+    return array
 
 
 def checked_inpainting(sample: dict[str, Any], moments_shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:

@@ -50,6 +50,7 @@ def build_module(cfg: DictConfig, data: LatentDataConfig) -> tuple[LatentDiffusi
         data,
         latent_channels=channels,
         text_config=parts.text_config,
+        text_config_2=parts.text_config_2,
         # a VAE from weights must be the one that made the latents; a random one (tests) only decodes grids
         vae_encoder_sha256=encoder_fingerprint(parts.vae) if model.pretrained or model.vae.pretrained else None,
         inpainting=diffusion.inpainting,

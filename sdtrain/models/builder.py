@@ -79,10 +79,7 @@ def build_model(
         unet_cfg, vae_cfg = UNetConfig(config=unet_cfg.config), VAEConfig(config=vae_cfg.config)
         text_cfg, text_cfg_2 = _without_open_clip_weights(text_cfg), _without_open_clip_weights(text_cfg_2)
     unet = build_unet(unet_cfg, read)
-    tokenizer, text_encoder = _text_part(text_cfg, text_model)
-    if text_cfg_2 is not None:
-        second_tokenizer, second = _text_part(text_cfg_2, text_model_2)
-        tokenizer, text_encoder = TokenizerPair(tokenizer, second_tokenizer), SDXLTextEncoders(text_encoder, second)
+    tokenizer, text_encoder = build_text(text_cfg, text_cfg_2, text_model, text_model_2)
     check_conditioning(unet, text_encoder, text_cfg_2 is not None)
     if cfg.lora.enabled:
         apply_lora(unet, cfg.lora)
@@ -100,6 +97,21 @@ def build_model(
 
 def _without_open_clip_weights(text: TextEncoderConfig | None) -> TextEncoderConfig | None:
     return replace(text, pretrained=None) if text is not None and text.kind == "open_clip" else text
+
+
+def build_text(
+    text: TextEncoderConfig,
+    text_2: TextEncoderConfig | None = None,
+    described: dict[str, Any] | None = None,
+    described_2: dict[str, Any] | None = None,
+) -> tuple[Tokenizer, nn.Module]:
+    """(tokenizer, frozen text encoder): one encoder, or SDXL's two as one (`text_2`; models/sdxl_text.py).
+    Training and sdtrain-encode's pre-encoded text.npy both encode through this."""
+    tokenizer, encoder = _text_part(text, described)
+    if text_2 is None:
+        return tokenizer, encoder
+    second_tokenizer, second = _text_part(text_2, described_2)
+    return TokenizerPair(tokenizer, second_tokenizer), SDXLTextEncoders(encoder, second)
 
 
 def _text_part(text: TextEncoderConfig, described: dict[str, Any] | None) -> tuple[Tokenizer, nn.Module]:

@@ -44,11 +44,8 @@ def from_pipeline(cfg: Any) -> Any:
     """`cfg` (a ModelConfig) with every part not given explicitly taken from the pipeline folder `cfg.pretrained`
     (a single file's conversion, models/single_file.py)."""
     path = pipeline_folder(cfg)
-    sdxl = read_model_index(path).get("_class_name") == SDXL
-    # SDXL reads both encoders' penultimate states (models/sdxl_text.py) unless a layer is given
-    layer = "penultimate" if sdxl else None
-    text = _folder_text_encoder(cfg.text_encoder, path, "text_encoder", "tokenizer", layer)
-    text_2 = _folder_text_encoder(cfg.text_encoder_2, path, "text_encoder_2", "tokenizer_2", layer) if sdxl else None
+    sdxl = is_sdxl_folder(path)
+    text, text_2 = folder_text_encoders(path, cfg.text_encoder, cfg.text_encoder_2)
     return replace(
         cfg,
         unet=replace(cfg.unet, pretrained=cfg.unet.pretrained or os.path.join(path, "unet")),
@@ -56,6 +53,17 @@ def from_pipeline(cfg: Any) -> Any:
         text_encoder=text,
         text_encoder_2=text_2 if sdxl else cfg.text_encoder_2,
     )
+
+
+def folder_text_encoders(path: str, text: Any = None, text_2: Any = None) -> tuple[Any, Any]:
+    """The folder's TextEncoderConfig(s), as training encodes with them: (text_encoder, text_encoder_2 or None
+    for SD 1.x / 2.x); `text` / `text_2` given with their own weights are kept (sdtrain-encode --text-encoder DIR
+    stores text.npy from these)."""
+    sdxl = is_sdxl_folder(path)
+    # SDXL reads both encoders' penultimate states (models/sdxl_text.py) unless a layer is given
+    layer = "penultimate" if sdxl else None
+    first = _folder_text_encoder(text, path, "text_encoder", "tokenizer", layer)
+    return first, _folder_text_encoder(text_2, path, "text_encoder_2", "tokenizer_2", layer) if sdxl else None
 
 
 def _folder_text_encoder(text: Any, path: str, model: str, tokenizer: str, layer: str | None) -> Any:

@@ -26,12 +26,15 @@ from sdtrain.data.normalizer import SD_SCALING_FACTOR
 from sdtrain.data.samples import (
     MASKS_MEMBER,
     MOMENTS_MEMBER,
+    POOLED_MEMBER,
+    TEXT_MEMBER,
     LatentField,
     SampleError,
     checked_inpainting,
     checked_latent,
     decode_caption,
     decode_loss_mask,
+    decode_pooled,
     decode_text,
     latent_channels,
 )
@@ -77,9 +80,11 @@ def check_sample(raw: dict[str, Any], field_: LatentField, report: Report, keep_
             json.loads(raw["json"].decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError):
             raise SampleError("bad_json", "json metadata does not parse") from None
-    if "text.npy" in raw:
+    if TEXT_MEMBER in raw:
         text = decode_text(raw)
         report.shapes[f"text {'x'.join(map(str, text.shape))}"] += 1
+    if POOLED_MEMBER in raw:
+        report.shapes[f"pooled {'x'.join(map(str, decode_pooled(raw).shape))}"] += 1
     if field_.kind == "moments" and (MASKS_MEMBER in raw or MOMENTS_MEMBER in raw):
         report.members[f"inpainting x{len(checked_inpainting(raw, array.shape)[0])}"] += 1
     if decode_loss_mask(raw, array.shape[-2:]) is not None:

@@ -27,7 +27,7 @@ import torch
 
 from sdtrain.data import storage
 from sdtrain.data.normalizer import SD_SCALING_FACTOR
-from sdtrain.data.samples import LOSS_MASK_MEMBER, SampleError, average_down
+from sdtrain.data.samples import LOSS_MASK_MEMBER, POOLED_MEMBER, SampleError, average_down
 from sdtrain.data.shards import MANIFEST_NAME
 from sdtrain.errors import ConfigError, DataError
 from sdtrain.models.diffusers_parts import vae_scale_factor
@@ -65,6 +65,9 @@ class EncodeConfig:
     device: str = "cpu"
     text_encoder: dict[str, Any] | None = None
     """A TextEncoderConfig (arch, pretrained, layer, ...) to also store `text.npy` hidden states; None = no."""
+    text_encoder_2: dict[str, Any] | None = None
+    """SDXL's second text encoder: text.npy then holds both encoders' states concatenated, `pooled.npy` the
+    second's pooled projection (as training encodes them: models/sdxl_text.py)."""
     filters: FilterConfig = field(default_factory=FilterConfig)
     min_image_size: int = 8
     """Images with a side below this are skipped as `too_small` (never upscaled from nothing)."""
@@ -76,6 +79,8 @@ class EncodeConfig:
             raise ValueError(f"rank must be in [0, world_size), got rank {self.rank} of {self.world_size}")
         if not 0 <= self.inpainting_masks <= 16:
             raise ValueError(f"inpainting_masks must be in [0, 16], got {self.inpainting_masks}")
+        if self.text_encoder_2 is not None and self.text_encoder is None:
+            raise ValueError("text_encoder_2 (SDXL's second encoder) needs text_encoder as well")
         if self.dtype not in ("float16", "float32"):
             raise ValueError(f"dtype must be float16 or float32, got {self.dtype!r}")
         for bucket in self.buckets or []:
@@ -136,11 +141,11 @@ class Encoder:
         self.vae.requires_grad_(False).eval().to(cfg.device)
         self.text = None
         if cfg.text_encoder is not None:
-            from sdtrain.models.text_encoder import TextEncoderConfig, build_text_encoder, build_tokenizer
+            from sdtrain.models.builder import build_text
 
-            text_cfg = TextEncoderConfig(**cfg.text_encoder)
-            self.text = build_text_encoder(text_cfg).to(cfg.device)
-            self.tokenizer = build_tokenizer(text_cfg)
+            first, second = text_encoder_configs(cfg)
+            self.tokenizer, text = build_text(first, second)
+            self.text = text.to(cfg.device)
 
     @torch.no_grad()
     def moments(self, pixels: list[np.ndarray]) -> np.ndarray:
@@ -174,11 +179,16 @@ class Encoder:
         return [{} if m is None else {LOSS_MASK_MEMBER: average_down(m, factor).astype(np.float16)} for m in masks]
 
     @torch.no_grad()
-    def text_states(self, captions: list[str]) -> list[np.ndarray | None]:
+    def text_states(self, captions: list[str]) -> list[tuple[np.ndarray | None, dict[str, np.ndarray]]]:
+        """Per caption: its text.npy (None without a text encoder) and, for SDXL, {pooled.npy: ...}."""
         if self.text is None:
-            return [None] * len(captions)
-        states = self.text(self.tokenizer(captions).to(self.cfg.device)).to(torch.float16).cpu().numpy()
-        return list(states)
+            return [(None, {})] * len(captions)
+        states = self.text.encode(self.tokenizer(captions).to(self.cfg.device))
+        context = states.context.to(torch.float16).cpu().numpy()
+        if states.pooled is None:
+            return [(c, {}) for c in context]
+        pooled = states.pooled.to(torch.float16).cpu().numpy()
+        return [(c, {POOLED_MEMBER: p}) for c, p in zip(context, pooled, strict=True)]
 
 
 class Prepared(NamedTuple):
@@ -242,8 +252,8 @@ def encode_part(part: InputPart, cfg: EncodeConfig, encoder: Encoder) -> dict[st
         texts = encoder.text_states([b.caption for b in batch])
         inpainting = encoder.inpainting([b.key for b in batch], pixels)
         masks = encoder.loss_masks([b.loss_mask for b in batch])
-        for b, m, text, inpaint, mask in zip(batch, moments, texts, inpainting, masks, strict=True):
-            sink.add(LatentSample(b.key, m, b.caption, b.meta), text, {**inpaint, **mask})
+        for b, m, (text, pooled), inpaint, mask in zip(batch, moments, texts, inpainting, masks, strict=True):
+            sink.add(LatentSample(b.key, m, b.caption, b.meta), text, {**pooled, **inpaint, **mask})
             shapes["x".join(map(str, m.shape))] += 1
 
     for raw in iter_part(part, lambda reason: skipped.update([reason.split(":")[0]])):
@@ -277,13 +287,29 @@ def encode_part(part: InputPart, cfg: EncodeConfig, encoder: Encoder) -> dict[st
     return record
 
 
+def text_encoder_configs(cfg: EncodeConfig) -> tuple[Any, Any]:
+    """The TextEncoderConfig(s) text.npy is encoded with: (first, SDXL's second or None)."""
+    from sdtrain.models.text_encoder import TextEncoderConfig
+
+    second = TextEncoderConfig(**cfg.text_encoder_2) if cfg.text_encoder_2 is not None else None
+    return TextEncoderConfig(**(cfg.text_encoder or {})), second
+
+
 def text_encoder_identity(text_encoder: dict[str, Any] | None) -> dict[str, Any] | None:
-    """What the manifest records about `text.npy` (the loader compares it with the run's text encoder)."""
+    """What the manifest records about an encoder of `text.npy` (the loader compares it with the run's)."""
     if text_encoder is None:
         return None
     from sdtrain.models.text_encoder import TextEncoderConfig
 
     return {**TextEncoderConfig(**text_encoder).identity(), "dtype": "float16"}
+
+
+def text_encoder_records(cfg: EncodeConfig) -> dict[str, Any]:
+    """The manifest's `text_encoder` (+ SDXL's `text_encoder_2`) records."""
+    records = {"text_encoder": text_encoder_identity(cfg.text_encoder)}
+    if cfg.text_encoder_2 is not None:
+        records["text_encoder_2"] = text_encoder_identity(cfg.text_encoder_2)
+    return records
 
 
 def merge(cfg: EncodeConfig, parts: list[InputPart]) -> dict[str, Any] | None:
@@ -322,7 +348,7 @@ def merge(cfg: EncodeConfig, parts: list[InputPart]) -> dict[str, Any] | None:
             "latent_channels": vae_config.get("latent_channels"),
             "encoder_sha256": encoder_fingerprint(AutoencoderKL.from_pretrained(cfg.vae, local_files_only=True)),
         },
-        text_encoder=text_encoder_identity(cfg.text_encoder),
+        **text_encoder_records(cfg),
         encode={
             "resolution": cfg.resolution,
             "buckets": cfg.buckets,

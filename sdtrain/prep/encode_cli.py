@@ -18,6 +18,7 @@ import multiprocessing as mp
 import os
 import sys
 import time
+from dataclasses import asdict
 from typing import Any
 
 import torch
@@ -68,8 +69,14 @@ def parse_args(argv: list[str] | None) -> tuple[EncodeConfig, bool]:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument(
         "--text-encoder",
-        help='also store text.npy: a JSON TextEncoderConfig, e.g. \'{"arch": "ViT-H-14", '
-        '"pretrained": "/w/open_clip.bin"}\'',
+        help="also store text.npy: a diffusers SD/SDXL pipeline folder (its text encoder(s), as "
+        "model.pretrained=DIR trains with them; SDXL adds pooled.npy) or a JSON TextEncoderConfig, e.g. "
+        '\'{"arch": "ViT-H-14", "pretrained": "/w/open_clip.bin"}\'',
+    )
+    p.add_argument(
+        "--text-encoder-2",
+        help="with a JSON --text-encoder: SDXL's second text encoder, a JSON TextEncoderConfig (text.npy then "
+        "holds both encoders' states, pooled.npy the second's pooled embedding)",
     )
     p.add_argument(
         "--inpainting-masks",
@@ -92,12 +99,7 @@ def parse_args(argv: list[str] | None) -> tuple[EncodeConfig, bool]:
     filters.add_argument("--require-fields", action="store_true", help="drop samples that lack a filtered field")
     a = p.parse_args(argv)
     rank, world = env_rank()
-    text_encoder = None
-    if a.text_encoder:
-        try:
-            text_encoder = json.loads(a.text_encoder)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"--text-encoder is not JSON: {exc}") from None
+    text_encoder, text_encoder_2 = text_encoder_options(a.text_encoder, a.text_encoder_2)
     filter_cfg = from_values(
         FilterConfig,
         {
@@ -133,11 +135,34 @@ def parse_args(argv: list[str] | None) -> tuple[EncodeConfig, bool]:
         "seed": a.seed,
         "device": a.device,
         "text_encoder": text_encoder,
+        "text_encoder_2": text_encoder_2,
         "inpainting_masks": a.inpainting_masks,
     }
     cfg = from_values(EncodeConfig, values, "encode")
     cfg.filters = filter_cfg
     return cfg, a.merge_only
+
+
+def text_encoder_options(first: str | None, second: str | None) -> tuple[dict | None, dict | None]:
+    """--text-encoder / --text-encoder-2 as TextEncoderConfig dicts: a pipeline folder gives its encoder(s)."""
+    if first and os.path.isdir(first):
+        if second:
+            raise ConfigError("--text-encoder-2 goes with a JSON --text-encoder (a pipeline folder names both)")
+        if not os.path.isfile(os.path.join(first, "model_index.json")):
+            raise ConfigError(f"--text-encoder {first} is not a diffusers pipeline folder (no model_index.json)")
+        from sdtrain.models.pipeline_folder import folder_text_encoders
+
+        text, text_2 = folder_text_encoders(first)
+        return asdict(text), asdict(text_2) if text_2 is not None else None
+    parsed = []
+    for flag, value in (("--text-encoder", first), ("--text-encoder-2", second)):
+        try:
+            parsed.append(json.loads(value) if value else None)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{flag} is neither a pipeline folder nor JSON: {exc}") from None
+    if parsed[1] is not None and parsed[0] is None:
+        raise ConfigError("--text-encoder-2 (SDXL's second encoder) needs --text-encoder as well")
+    return parsed[0], parsed[1]
 
 
 def _init_worker(cfg: EncodeConfig, threads: int) -> None:
@@ -156,13 +181,14 @@ def check_models(cfg: EncodeConfig) -> None:
     """Fail here, in one line, before worker processes start (a pool whose initializer fails respawns forever)."""
     if not os.path.isfile(os.path.join(cfg.vae, "config.json")):
         raise ConfigError(f"--vae {cfg.vae} is not a diffusers AutoencoderKL folder (no config.json)")
-    if cfg.text_encoder is not None:
-        from sdtrain.models.text_encoder import TextEncoderConfig
+    for flag, text in (("--text-encoder", cfg.text_encoder), ("--text-encoder-2", cfg.text_encoder_2)):
+        if text is not None:
+            from sdtrain.models.text_encoder import TextEncoderConfig
 
-        try:
-            TextEncoderConfig(**cfg.text_encoder)
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"--text-encoder: {exc}") from None
+            try:
+                TextEncoderConfig(**text)
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(f"{flag}: {exc}") from None
 
 
 def encode(cfg: EncodeConfig) -> dict[str, Any] | None:

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from sdtrain.data.normalizer import SD_SCALING_FACTOR
+from sdtrain.data.samples import TEXT_MEMBER
 from sdtrain.data.shards import MANIFEST_FORMAT, MANIFEST_NAME
 
 
@@ -108,7 +109,7 @@ class ShardSink:
         if sample.meta:
             add_member(tar, f"{sample.key}.json", json.dumps(sample.meta, sort_keys=True).encode("utf-8"), mtime)
         if text is not None:
-            add_member(tar, f"{sample.key}.text.npy", npy_bytes(text), mtime)
+            add_member(tar, f"{sample.key}.{TEXT_MEMBER}", npy_bytes(text), mtime)
         for name, array in (extra or {}).items():
             add_member(tar, f"{sample.key}.{name}", npy_bytes(array), mtime)
         self._shard.count += 1

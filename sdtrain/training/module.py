@@ -95,11 +95,13 @@ class LatentDiffusionModule(L.LightningModule):
 
     def text_states(self, batch: dict[str, Any]) -> TextStates:
         """The frozen encoders' states for the batch's captions: encoded now from tokens, or pre-encoded
-        (`text.npy`). Dropped captions (CFG training) get the empty prompt's states (SD 1.x/2.x) or zeros
-        (SDXL, whose loader sends them as `dropped` beside the tokens)."""
+        (`text.npy`, SDXL's `pooled.npy`). Dropped captions (CFG training) get the empty prompt's states
+        (SD 1.x/2.x) or zeros (SDXL, whose loader sends them as `dropped` beside the tokens)."""
         if "context" not in batch:
             states = encode_text(self.text_encoder, batch["tokens"])
             return states.zeroed(batch["dropped"]) if "dropped" in batch else states
+        if "pooled" in batch:
+            return TextStates(batch["context"], batch["pooled"]).zeroed(batch["dropped"])
         context = batch["context"]
         if self._empty_context is None or self._empty_context.device != context.device:
             self._empty_context = self.text_encoder(self.tokenizer([""]).to(context.device))

@@ -220,3 +220,48 @@ def test_a_bert_style_text_model_run_exports_to_plain_diffusers_with_the_same_pi
             output_type="pt",
         ).images
     assert torch.allclose(ours, theirs, atol=1e-5), (ours - theirs).abs().max()
+
+
+def test_a_pipeline_folder_pre_encodes_text_as_training_encodes_it(tmp_path, capsys):
+    """sdtrain-encode --text-encoder DIR: text.npy from the folder's text encoder, with the identity a
+    model.pretrained=DIR run checks; a folder that is no pipeline, or one with --text-encoder-2, is one line."""
+    import io
+
+    import numpy as np
+    from helpers import write_raw_tar
+    from PIL import Image
+
+    from sdtrain.data.probe import check_text_embeddings
+    from sdtrain.data.shards import iter_raw_samples, resolve_shards
+    from sdtrain.models.builder import ModelConfig, build_model
+    from sdtrain.prep.encode_cli import main as encode_main
+
+    source = save_tiny_pipeline(tmp_path / "released", "sd1")
+    samples = []
+    for i in range(6):
+        buf = io.BytesIO()
+        Image.new("RGB", (32, 32), (i * 30, 90, 10)).save(buf, "PNG")
+        samples.append((f"{i:04d}", buf.getvalue(), CAPTIONS[i].encode(), {}, "png"))
+    write_raw_tar(tmp_path / "raw.tar", samples)
+    args = [str(tmp_path / "raw.tar"), "--out", str(tmp_path / "out"), "--vae", str(source / "vae"), "--workers", "0"]
+    assert encode_main([*args, "--resolution", "32", "--text-encoder", str(source)]) == 0
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    parts = build_model(ModelConfig(pretrained=str(source)))
+    check_text_embeddings(manifest, parts.text_config)  # the identity a model.pretrained=DIR run has
+    assert "text_encoder_2" not in manifest
+    for raw in iter_raw_samples(resolve_shards(str(tmp_path / "out")).shards[0].url, print):
+        stored = torch.from_numpy(np.load(io.BytesIO(raw["text.npy"])).astype(np.float32))
+        expected = parts.text_encoder(parts.tokenizer([raw["txt"].decode()]))[0]
+        torch.testing.assert_close(stored, expected, atol=2e-3, rtol=2e-3)
+        assert "pooled.npy" not in raw
+
+    (tmp_path / "notapipe").mkdir()
+    for extra, message in [
+        (["--text-encoder", str(tmp_path / "notapipe")], "is not a diffusers pipeline folder (no model_index.json)"),
+        (["--text-encoder", str(source), "--text-encoder-2", "{}"], "--text-encoder-2 goes with a JSON"),
+        (["--text-encoder-2", "{}"], "needs --text-encoder as well"),
+    ]:
+        capsys.readouterr()
+        assert encode_main([*args, *extra]) == 2
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert last.startswith("error: ") and message in last, last

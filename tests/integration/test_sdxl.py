@@ -40,7 +40,7 @@ RUN = [
 ]
 
 
-def bucketed_shards(root, vae: str, n: int = 48):
+def bucketed_shards(root, vae: str, n: int = 48, *extra: str):
     samples = []
     for i in range(n):  # wide, tall and square images of several sizes -> three buckets, varied crops
         size = [(64, 32), (32, 64), (48, 48), (90, 40)][i % 4]
@@ -50,7 +50,7 @@ def bucketed_shards(root, vae: str, n: int = 48):
     write_raw_tar(root / "raw.tar", samples)
     out = root / "latents"
     args = [str(root / "raw.tar"), "--out", str(out), "--vae", vae, "--workers", "0", "--buckets", BUCKETS]
-    assert encode_main([*args, "--samples-per-shard", "16"]) == 0
+    assert encode_main([*args, "--samples-per-shard", "16", *extra]) == 0
     return out
 
 
@@ -192,3 +192,81 @@ def test_sdxl_mistakes_are_one_line(sdxl, tmp_path):
         result = run_train(tmp_path / name.replace(" ", "_"), *overrides, f"data.shards={shards}", "debug=fast")
         assert result.returncode != 0, name
         assert message in result.stderr and "Traceback" not in result.stderr, (name, result.stderr[-2000:])
+
+
+def test_pre_encoded_sdxl_text_is_what_training_encodes(sdxl, tmp_path):
+    """sdtrain-encode --text-encoder DIR stores both encoders' states (text.npy) and the pooled embedding
+    (pooled.npy); the loader's batches carry them, equal to encoding the captions (to float16), and dropped
+    captions become zeros as with tokens; the manifest's identities are checked for both encoders."""
+    from sdtrain.data.probe import check_text_embeddings
+    from sdtrain.diffusion.objective import DiffusionConfig, DiffusionObjective
+    from sdtrain.errors import DataError
+    from sdtrain.training.module import LatentDiffusionModule
+    from sdtrain.training.optim import OptimConfig
+
+    folder, _ = sdxl
+    out = bucketed_shards(tmp_path, str(folder / "vae"), 16, "--text-encoder", str(folder))
+    manifest = json.loads((out / "manifest.json").read_text())
+    parts = build_model(ModelConfig(pretrained=str(folder)))
+    check_text_embeddings(manifest, parts.text_config, parts.text_config_2)  # the same encoders: accepted
+
+    cfg = LatentDataConfig(
+        shards=str(out), batch_size=4, num_workers=0, shuffle=False, caption_dropout=0.5, text_embeddings=True
+    )
+    stream = LatentStream(
+        resolve_shards(str(out)),
+        cfg,
+        parts.tokenizer,
+        latent_channels=4,
+        normalizer=LatentNormalizer(0.13025),
+        micro_conditioning=2,
+    )
+    captions = {
+        r["__key__"]: r["txt"].decode() for s in resolve_shards(str(out)).shards for r in iter_raw_samples(s.url, print)
+    }
+    module = LatentDiffusionModule(
+        unet=parts.unet,
+        text_encoder=parts.text_encoder,
+        vae=parts.vae,
+        tokenizer=parts.tokenizer,
+        objective=DiffusionObjective(DiffusionConfig()),
+        optim=OptimConfig(),
+        normalizer=LatentNormalizer(0.13025),
+        latent_shape=(4, 16, 16),
+        seed=0,
+    )
+    dropped = 0
+    for batch in [b for b, _ in zip(stream, range(4), strict=False)]:
+        assert batch["context"].shape == (4, 77, 80) and batch["pooled"].shape == (4, 40)
+        expected = encode_text(parts.text_encoder, parts.tokenizer([captions[k] for k in batch["keys"]]))
+        torch.testing.assert_close(batch["context"], expected.context, atol=2e-3, rtol=2e-3)
+        torch.testing.assert_close(batch["pooled"], expected.pooled, atol=2e-3, rtol=2e-3)
+        states = module.text_states(batch)
+        for row, drop in enumerate(batch["dropped"].tolist()):
+            dropped += drop
+            assert (states.context[row].abs().sum() == 0) == drop and (states.pooled[row].abs().sum() == 0) == drop
+    assert dropped
+
+    one_encoder = {k: v for k, v in manifest.items() if k != "text_encoder_2"}
+    other_second = {**manifest, "text_encoder_2": {**manifest["text_encoder_2"], "weights_sha256": "0" * 64}}
+    for bad, message in [
+        (one_encoder, "came from one text encoder(s), this run has SDXL's two"),
+        (other_second, "weights_sha256: '000"),
+    ]:
+        with pytest.raises(DataError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            check_text_embeddings(bad, parts.text_config, parts.text_config_2)
+    with pytest.raises(DataError, match="came from SDXL's two"):
+        check_text_embeddings(manifest, parts.text_config)
+
+    run = tmp_path / "run"
+    result = run_train(
+        run,
+        f"model.pretrained={folder}",
+        f"data.shards={out}",
+        "data.text_embeddings=true",
+        "debug=fast",
+        "data.batch_size=4",
+        "trainer.max_steps=2",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "pre-encoded text" in (run / "train.log").read_text()
