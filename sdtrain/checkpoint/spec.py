@@ -48,12 +48,15 @@ def build_spec(
         "normalizer": normalizer.as_dict(),
         "latent_shape": list(latent_shape),
     }
+    # the architecture and the tokenizer's files: no folder needed to rebuild (a LoRA run's base is read
+    # again from its own folder, so its small checkpoints leave them out: they are megabytes)
+    describe = base_model is None
     first = parts.text_encoder.first if text_2 is not None else parts.text_encoder
-    if text.kind == "transformers":  # the architecture and the tokenizer's files: no folder needed to rebuild
+    if text.kind == "transformers" and describe:
         spec["text_model"] = {"config": hf_config(first.model), "tokenizer_files": tokenizer_files(text)}
     if text_2 is not None:  # SDXL's second encoder, kept the same way
         spec["text_encoder_2"] = {**dataclasses.asdict(text_2), "pretrained": None, "tokenizer": None}
-        if text_2.kind == "transformers":
+        if text_2.kind == "transformers" and describe:
             second = parts.text_encoder.second.model
             spec["text_model_2"] = {"config": hf_config(second), "tokenizer_files": tokenizer_files(text_2)}
     if base_model is not None:

@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
+from unittest import mock
 
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
@@ -71,6 +72,21 @@ class FSDP2Strategy(ModelParallelStrategy):
         tmp = filepath + TMP_SUFFIX
         super().save_checkpoint(checkpoint, tmp, storage_options)
         replace_directory(self, tmp, filepath)
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        """A module that reloads its frozen parts from their weights (LoRA: strict_loading off) saved only what
+        it trains: torch DCP is then asked for the tensors the checkpoint has (its default planner fails on
+        the first missing one)."""
+        if self.lightning_module.strict_loading:
+            return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        from lightning.fabric.strategies import model_parallel
+        from torch.distributed.checkpoint import DefaultLoadPlanner, load
+
+        def partial_load(state: dict[str, Any], path: Any) -> None:
+            load(state, checkpoint_id=path, planner=DefaultLoadPlanner(allow_partial_load=True))
+
+        with mock.patch.object(model_parallel, "_distributed_checkpoint_load", partial_load):
+            return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
 
 
 def build_fsdp_strategy(cfg: FSDPConfig) -> FSDP2Strategy:

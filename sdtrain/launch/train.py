@@ -76,6 +76,9 @@ def build_module(cfg: DictConfig, data: LatentDataConfig) -> tuple[LatentDiffusi
         latent_shape=probed.latent_shape,
         base_model=model if model.lora.enabled else None,
     )
+    # LoRA checkpoints hold the adapters only (the base comes back from model.pretrained): loading must not
+    # ask for the rest; strategies read this before the module's own hooks run
+    module.strict_loading = not model.lora.enabled
     stream = partial(
         LatentStream,
         probed.shard_set,

@@ -172,6 +172,9 @@ class ZeroStrategy(DeepSpeedStrategy):
 
     def save_checkpoint(self, checkpoint: dict, filepath: Any, storage_options: Any = None) -> None:
         filepath = os.fspath(self.broadcast(filepath))
+        # a module that reloads its frozen parts from their weights (LoRA: strict_loading off) gets small
+        # checkpoints: DeepSpeed then writes the trained parameters only
+        self.exclude_frozen_parameters = not self.lightning_module.strict_loading
         tmp = filepath + TMP_SUFFIX
         super().save_checkpoint(checkpoint, tmp, storage_options)
         replace_directory(self, tmp, filepath)

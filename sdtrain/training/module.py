@@ -236,8 +236,9 @@ class LatentDiffusionModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = sdtrain_state(checkpoint)
-        if self.spec.get("lora"):  # a LoRA checkpoint holds the adapters only: each must be there
-            self.strict_loading = False
+        # a LoRA checkpoint holds the adapters only (strict_loading is off): each must be there (sharded
+        # strategies load the weights themselves, before this hook, and leave no state_dict here)
+        if self.spec.get("lora") and "state_dict" in checkpoint:
             wanted = {f"unet.{name}" for name in trainable_names(self.unet)}
             missing = sorted(wanted - set(checkpoint.get("state_dict", {})))
             if missing:
