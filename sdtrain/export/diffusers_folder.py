@@ -33,7 +33,9 @@ from sdtrain.diffusion.sampling import build_scheduler
 from sdtrain.errors import CheckpointError
 from sdtrain.export.ldm import text_encoder_to_ldm, unet_to_ldm, vae_to_ldm
 from sdtrain.models.clip_layout import clip_to_open_clip, clip_tokenizer, open_clip_to_clip
+from sdtrain.models.hf_text import FrozenHFText, HFTokenizer
 from sdtrain.models.lora import adapter_state, merged
+from sdtrain.models.sdxl_text import SDXLTextEncoders, TokenizerPair
 
 FORMAT = "sdtrain-export/1"
 UNUSED_TEXT_FILE = "text_encoder_unused.safetensors"
@@ -69,8 +71,9 @@ def export_diffusers(
                 raise CheckpointError("--single-file of a LoRA run needs --merge (the file holds a whole model)")
             return export_lora(model, out)
         model = dataclasses.replace(model, unet=merged(model.unet), lora=None)
-    text_ldm = text_encoder_to_ldm(model.text_encoder, model.text_config.kind) if single_file else None
     os.makedirs(out, exist_ok=True)
+    model = sdxl_text_as_transformers(model, out)
+    text_ldm = text_encoder_to_ldm(model.text_encoder, model.text_config.kind) if single_file else None
     model.unet.save_pretrained(os.path.join(out, "unet"), safe_serialization=True)
     vae = AutoencoderKL.from_config(model.vae.config)
     vae.load_state_dict(model.vae.state_dict())
@@ -133,13 +136,8 @@ def _save_text_encoder(model: TrainedModel, out: str) -> dict[str, list[str | No
     """text_encoder/ + tokenizer/ (SDXL: also text_encoder_2/ + tokenizer_2/) in transformers format and their
     model_index entries: a transformers encoder as itself, an OpenCLIP tower converted to CLIPTextModel (so plain
     diffusers runs every export)."""
-    if model.text_config_2 is not None:
+    if model.text_config_2 is not None:  # transformers encoders by now (sdxl_text_as_transformers)
         pair, tokenizers = model.text_encoder, model.tokenizer
-        if model.text_config.kind != "transformers" or model.text_config_2.kind != "transformers":
-            raise CheckpointError(
-                "exporting an SDXL model needs transformers text encoders (a run from model.pretrained=SDXL_DIR); "
-                "OpenCLIP towers in an SDXL layout are not converted yet"
-            )
         return {
             **_save_hf_text(pair.first, tokenizers.first, model.text_config, out, ""),
             **_save_hf_text(pair.second, tokenizers.second, model.text_config_2, out, "_2"),
@@ -156,6 +154,39 @@ def _save_text_encoder(model: TrainedModel, out: str) -> dict[str, list[str | No
         "text_encoder": ["transformers", type(hf_model).__name__],
         "tokenizer": ["transformers", type(tokenizer).__name__],
     }
+
+
+def sdxl_text_as_transformers(model: TrainedModel, out: str) -> TrainedModel:
+    """`model` with a from-scratch SDXL run's OpenCLIP towers as the CLIPTextModel + CLIPTextModelWithProjection
+    SDXL pipelines load (every block kept: they read hidden_states[-2]; the second with its projection for
+    text_embeds), each with a CLIPTokenizer written to OUT/tokenizer{,_2} that pads with "!" as open_clip does.
+    Transformers encoders (runs from an SDXL folder) and SD 1.x/2.x models come back as they are."""
+    if model.text_config_2 is None or {model.text_config.kind, model.text_config_2.kind} == {"transformers"}:
+        return model
+    encoders, tokenizers, configs = [], [], []
+    pair, pair_tokenizer = model.text_encoder, model.tokenizer
+    parts = [(pair.first, pair_tokenizer.first, model.text_config, "", False)]
+    parts.append((pair.second, pair_tokenizer.second, model.text_config_2, "_2", True))
+    for encoder, tokenizer, config, suffix, projection in parts:
+        if config.kind != "transformers":
+            hf_model, _ = open_clip_to_clip(encoder.tower, "last", with_projection=projection)
+            folder = os.path.join(out, f"tokenizer{suffix}")
+            clip_tokenizer(folder, pad_token="!", context_length=config.context_length).save_pretrained(folder)
+            encoder, tokenizer = (
+                FrozenHFText(hf_model, config.resolved_layer, 0),
+                HFTokenizer(folder, config.context_length),
+            )
+            config = dataclasses.replace(config, kind="transformers", arch=None, pretrained=None, tokenizer=None)
+        encoders.append(encoder)
+        tokenizers.append(tokenizer)
+        configs.append(config)
+    return dataclasses.replace(
+        model,
+        text_encoder=SDXLTextEncoders(*encoders),
+        tokenizer=TokenizerPair(*tokenizers),
+        text_config=configs[0],
+        text_config_2=configs[1],
+    )
 
 
 def _save_hf_text(encoder: Any, tokenizer: Any, config: Any, out: str, suffix: str) -> dict[str, list[str | None]]:

@@ -16,8 +16,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from sdtrain.errors import CheckpointError
+
 OPEN_CLIP_PREFIX = "cond_stage_model.model."  # SD 2.x single files
 CLIP_PREFIX = "cond_stage_model.transformer.text_model."  # SD 1.x single files
+TOWER_PREFIX = "text_tower."  # any prefix but SD 2's, for diffusers' converter
 SOT, EOT = "<|startoftext|>", "<|endoftext|>"
 
 
@@ -80,21 +83,35 @@ def _is_text_tensor(key: str) -> bool:
     return key.startswith(("transformer.resblocks.", "token_embedding.", "positional_embedding", "ln_final."))
 
 
-def open_clip_to_clip(tower: nn.Module, layer: str) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+def open_clip_to_clip(
+    tower: nn.Module, layer: str, *, with_projection: bool = False
+) -> tuple[nn.Module, dict[str, torch.Tensor]]:
     """(CLIPTextModel giving the tower's conditioning, the tower's tensors it does not hold) - the second lets
-    `clip_to_open_clip` give back every tensor of the tower."""
+    `clip_to_open_clip` give back every tensor of the tower. `with_projection`: a CLIPTextModelWithProjection
+    with every block and the projection, as SDXL's second encoder (its pipelines read hidden_states[-2] and
+    text_embeds; call it with layer="last" to keep every block)."""
     from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
-    from transformers import CLIPTextModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     keep = kept_layers(tower, layer)
     state = tower.state_dict()
-    unused = {k: v for k, v in state.items() if not _is_text_tensor(k) or _block(k) >= keep}
-    model = CLIPTextModel(open_clip_text_config(tower, keep))
-    used = {OPEN_CLIP_PREFIX + k: v for k, v in state.items() if k not in unused}
-    converted = convert_open_clip_checkpoint(model, used, prefix=OPEN_CLIP_PREFIX)
+    projected = with_projection and tower.text_projection is not None
+    if projected and isinstance(tower.text_projection, nn.Linear):
+        raise CheckpointError("an OpenCLIP projection with a bias has no CLIPTextModelWithProjection layout")
+    unused = {
+        k: v
+        for k, v in state.items()
+        if not (_is_text_tensor(k) or (projected and k.startswith("text_projection"))) or _block(k) >= keep
+    }
+    model = (CLIPTextModelWithProjection if projected else CLIPTextModel)(open_clip_text_config(tower, keep))
+    # not SD 2's cond_stage_model.model. prefix: diffusers then ignores block 23 and the projection (SD 2's
+    # unused ones), which deeper towers and SDXL's bigG need
+    used = {TOWER_PREFIX + k: v for k, v in state.items() if k not in unused}
+    converted = convert_open_clip_checkpoint(model, used, prefix=TOWER_PREFIX)
     if not hasattr(model, "text_model"):  # transformers >= 5.6 flattened CLIPTextModel
         converted = {k.removeprefix("text_model."): v for k, v in converted.items()}
-    converted.pop("text_projection.weight", None)
+    if not projected:
+        converted.pop("text_projection.weight", None)
     model.load_state_dict(converted, strict=True)
     return model.eval(), unused
 

@@ -3,6 +3,7 @@ diffusers' encode_prompt does, micro-conditioning from the shards' json, buckete
 mixed shapes, resume bit for bit, export that plain StableDiffusionXLPipeline runs at a non-square bucket with
 sdtrain's pixels, single file out and back in, and one-line errors."""
 
+import dataclasses
 import io
 import json
 import shutil
@@ -270,3 +271,68 @@ def test_pre_encoded_sdxl_text_is_what_training_encodes(sdxl, tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "pre-encoded text" in (run / "train.log").read_text()
+
+
+def test_a_from_scratch_sdxl_with_open_clip_towers_exports_to_plain_diffusers(sdxl, tmp_path):
+    """model=sdxl's OpenCLIP towers become the CLIPTextModel + CLIPTextModelWithProjection SDXL pipelines load:
+    diffusers' encode_prompt gives sdtrain's states and pooled embedding, its pipeline sdtrain's pixels, and the
+    single file reads back to the same tensors."""
+    from pipelines import TINY_VAE
+
+    from sdtrain.checkpoint.trained import TrainedModel
+    from sdtrain.diffusion.objective import DiffusionConfig
+    from sdtrain.models.diffusers_parts import UNetConfig, VAEConfig
+    from sdtrain.models.text_encoder import TextEncoderConfig
+
+    folder, _ = sdxl
+    unet = json.loads((folder / "unet" / "config.json").read_text())
+    unet = {k: v for k, v in unet.items() if not k.startswith("_")} | {"projection_class_embeddings_input_dim": 48 + 48}
+    towers = [TextEncoderConfig(width=w, heads=4, layers=3, layer="penultimate") for w in (32, 48)]
+    torch.manual_seed(0)
+    cfg = ModelConfig(unet=UNetConfig(config=unet), vae=VAEConfig(config=TINY_VAE), text_encoder=towers[0])
+    parts = build_model(dataclasses.replace(cfg, text_encoder_2=towers[1]))
+    with torch.no_grad():  # open_clip's init leaves biases and LayerNorms trivial: perturb every tensor
+        for p in parts.text_encoder.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    model = TrainedModel(
+        unet=parts.unet,
+        vae=parts.vae,
+        text_encoder=parts.text_encoder,
+        text_config=parts.text_config,
+        tokenizer=parts.tokenizer,
+        normalizer=LatentNormalizer(0.13025),
+        diffusion=DiffusionConfig(),
+        latent_shape=(4, 8, 8),
+        step=0,
+        weights="raw",
+        text_config_2=parts.text_config_2,
+    )
+    out = export_diffusers(model, str(tmp_path / "export"), single_file=str(tmp_path / "sdxl.safetensors"))
+    pipe = StableDiffusionXLPipeline.from_pretrained(out, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    prompts = ["a red apple", "grinning face", "x " * 100]
+    context, _, pooled, _ = pipe.encode_prompt(prompts, device="cpu")
+    ours = encode_text(parts.text_encoder, parts.tokenizer(prompts))
+    assert context.shape == (3, 77, 80) and pooled.shape == (3, 48)
+    assert torch.allclose(ours.context, context, atol=1e-5) and torch.allclose(ours.pooled, pooled, atol=1e-5)
+
+    pairs, shape = [("grinning face", 0), ("red apple", 1)], (4, 12, 24)
+    cfg = SamplingConfig(prompts=[p for p, _ in pairs], seeds=[0], steps=3, guidance=3.0)
+    noise = initial_noise([s for _, s in pairs], shape, torch.device("cpu"))
+    with torch.no_grad():
+        theirs = pipe(
+            [p for p, _ in pairs],
+            height=24,
+            width=48,
+            latents=noise,
+            num_inference_steps=3,
+            guidance_scale=3.0,
+            output_type="pt",
+        ).images
+    assert torch.allclose(sample_images(model, pairs, cfg, batch_size=2, latent_shape=shape), theirs, atol=1e-5)
+    single = StableDiffusionXLPipeline.from_single_file(
+        str(tmp_path / "sdxl.safetensors"), config=out, local_files_only=True
+    )
+    for part in ("text_encoder", "text_encoder_2"):
+        left, right = getattr(pipe, part).state_dict(), getattr(single, part).state_dict()
+        assert left.keys() == right.keys() and all(torch.equal(left[k], right[k]) for k in left), part
