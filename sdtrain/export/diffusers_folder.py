@@ -6,8 +6,11 @@
                                             (models/clip_layout.py), with a CLIPTokenizer padding with "!"
     OUT/text_encoder_unused.safetensors     OpenCLIP tensors the conditioning never uses (the last block when
                                             it takes the penultimate one), so importing gives the whole tower
+    OUT/text_encoder_2, OUT/tokenizer_2     SDXL's second encoder (CLIPTextModelWithProjection); a from-scratch
+                                            run's OpenCLIP towers are converted whole (sdxl_text_as_transformers)
     OUT/model_index.json                    StableDiffusionPipeline (StableDiffusionInpaintPipeline for an
-                                            inpainting model): plain diffusers loads and runs the folder
+                                            inpainting model, StableDiffusionXLPipeline for SDXL): plain
+                                            diffusers loads and runs the folder
     OUT/unet.ldm.safetensors                the U-Net under original SD names (single-file tools)
     OUT/sdtrain.json                        step, which weights, latent normalisation, text-encoder reference
 

@@ -244,7 +244,7 @@ def test_mlperf_sd2_shards_are_read_unchanged(tmp_path, capsys):
     [
         (["--vae", "/nonexistent"], "--vae /nonexistent is not a diffusers AutoencoderKL folder"),
         (["--text-encoder", '{"colour": 1}'], "--text-encoder: "),
-        (["--text-encoder", "{not json"], "--text-encoder is not JSON"),
+        (["--text-encoder", "{not json"], "--text-encoder is neither a pipeline folder nor JSON"),
         (["--buckets", "512by512"], "--buckets wants WxH"),
     ],
 )

@@ -336,3 +336,21 @@ def test_a_from_scratch_sdxl_with_open_clip_towers_exports_to_plain_diffusers(sd
     for part in ("text_encoder", "text_encoder_2"):
         left, right = getattr(pipe, part).state_dict(), getattr(single, part).state_dict()
         assert left.keys() == right.keys() and all(torch.equal(left[k], right[k]) for k in left), part
+
+
+def test_an_fp16_fix_style_vae_folder_takes_the_folders_vae_place(sdxl, tmp_path):
+    """SDXL users swap in another VAE of the same layout (madebyollin's fp16-fix): model.vae.pretrained=DIR with
+    latents encoded by that VAE trains, its scaling factor is the one used, and the folder's own VAE is refused."""
+    folder, _ = sdxl
+    other = save_tiny_sdxl_pipeline(tmp_path / "other", seed=1)  # another AutoencoderKL, same config
+    config = json.loads((other / "vae" / "config.json").read_text())
+    (other / "vae" / "config.json").write_text(json.dumps({**config, "scaling_factor": 0.2}))
+    shards = bucketed_shards(tmp_path, str(other / "vae"), 16)
+    run = tmp_path / "run"
+    args = [f"model.pretrained={folder}", f"data.shards={shards}", "debug=fast", "data.batch_size=4"]
+    result = run_train(run, *args, f"model.vae.pretrained={other / 'vae'}", "trainer.max_steps=1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    spec = load_full_checkpoint(str(run / "checkpoints" / "last.ckpt"))["sdtrain"]["spec"]
+    assert spec["normalizer"]["scale"] == pytest.approx(0.2)
+    refused = run_train(tmp_path / "refused", *args)
+    assert refused.returncode == 2 and "another VAE" in refused.stderr.strip().splitlines()[-1]
