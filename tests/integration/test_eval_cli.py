@@ -11,7 +11,10 @@ from helpers import REPO, run_train
 
 from sdtrain.checkpoint.trained import load_trained
 from sdtrain.evaluate.cli import main as eval_main
+from sdtrain.evaluate.images import read_image_folder
 from sdtrain.export.diffusers_folder import export_diffusers
+from sdtrain.models.inception import InceptionFeatures, fid
+from sdtrain.vae.metrics import reconstruct
 
 pytestmark = pytest.mark.slow
 
@@ -29,12 +32,18 @@ def test_eval_cli_table_plot_and_baseline(trained_run, tmp_path, capsys):
     ckpts = sorted((trained_run / "checkpoints").glob("*.ckpt"))
     out = tmp_path / "eval"
     cmd = [sys.executable, "-m", "sdtrain.evaluate.cli", *map(str, ckpts), "--real", str(real), "--out", str(out)]
-    cmd += ["--num-images", "8", "--steps", "2", "--baseline"]
+    cmd += ["--num-images", "8", "--steps", "2", "--baseline", "--reconstruction"]
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = list(csv.DictReader((out / "metrics.csv").read_text().splitlines()))
-    assert [r["name"] for r in rows][-1] == "mean colour image" and len(rows) == len(ckpts) + 1
-    assert all(float(r["fid"]) > 0 for r in rows)
+    assert [r["name"] for r in rows][-2:] == ["mean colour image", "VAE reconstruction"]
+    assert len(rows) == len(ckpts) + 2 and all(float(r["fid"]) > 0 for r in rows)
+    # the floor row is the real images through the first checkpoint's VAE, measured as the checkpoints are
+    images = read_image_folder(str(real), 32).images
+    vae = load_trained(str(ckpts[0])).vae
+    inception = InceptionFeatures(None, "cpu")
+    rebuilt = (reconstruct(vae, images * 2 - 1).clamp(-1, 1) + 1) / 2
+    assert float(rows[-1]["fid"]) == pytest.approx(fid(inception(rebuilt), inception(images)), rel=1e-4)
     assert json.loads((out / "metrics.json").read_text())[0]["step"] == 30
     assert (out / "metrics.png").stat().st_size > 1000
 
