@@ -39,8 +39,10 @@ def run_train(run_dir: Path, *overrides: str, timeout: int = 600, env: dict | No
 
 
 def run_train_vae(run_dir: Path, *overrides: str, timeout: int = 900, env: dict | None = None):
-    """`sdtrain-train-vae experiment=vae_demo` (the demo's 32 px VAE) with progress lines instead of a bar."""
-    cmd = [sys.executable, "-m", "sdtrain.train_vae", "experiment=vae_demo", f"hydra.run.dir={run_dir}", *overrides]
+    """`sdtrain-train-vae experiment=vae_demo` (the demo's 32 px VAE) with progress lines instead of a bar, at a
+    constant rate: the tests' budgets (and the resume tests' max_steps) differ from the demo's cosine schedule."""
+    base = ["experiment=vae_demo", "optim.schedule=constant", f"hydra.run.dir={run_dir}"]
+    cmd = [sys.executable, "-m", "sdtrain.train_vae", *base, *overrides]
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=full_env)
 

@@ -7,7 +7,7 @@
    hidden states from the real pretrained all-MiniLM-L6-v2 text model as text.npy);
 4. train the tiny U-Net with EMA (`experiment=demo`), writing checkpoints and sample grids;
 5. leave DIR/samples_final.png next to DIR/real_grid.png (the real images of the same prompts);
-6. sdtrain-eval: FID of an early and the final checkpoint vs DIR/real, a mean-colour baseline and the VAE's
+6. sdtrain-eval: FID of every checkpoint vs DIR/real (FID vs step), a mean-colour baseline and the VAE's
    reconstructions of DIR/real, the floor no U-Net on this VAE can beat (DIR/eval/);
 7. sdtrain-report: DIR/run/report.html, the curves (loss, val loss, img/s, FID) and every sample grid on one page.
 """
@@ -39,6 +39,9 @@ from sdtrain.vae.metrics import encode_moments
 
 log = logging.getLogger("sdtrain.demo")
 FID_IMAGES = 200  # reference images = samples per evaluated checkpoint
+# FID's sampling, measured on the demo's final checkpoint (FID of 200 samples): Euler a 30 steps at CFG 2 gave 165,
+# DDIM 20 steps 171 at CFG 2, 173 at CFG 3 and 189 at CFG 6. The grids keep DDIM at CFG 6: clearer shapes per row.
+FID_SAMPLING = ["--sampler", "euler_a", "--steps", "30", "--guidance", "2"]
 
 
 def demo_config() -> Any:
@@ -197,16 +200,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def evaluate_run(run_dir: str, out: str) -> int:
-    """Step 6: FID of the first step checkpoint and the final one vs the real images, a mean-colour baseline and
-    the VAE's reconstructions of the real images (the floor of any U-Net on this VAE)."""
+    """Step 6: FID of every step checkpoint and the final one vs the real images (FID vs step), a mean-colour
+    baseline and the VAE's reconstructions of the real images (the floor of any U-Net on this VAE)."""
     from sdtrain.evaluate.cli import main as eval_main
 
     ckpt_dir = os.path.join(run_dir, "checkpoints")
     steps = sorted(f for f in os.listdir(ckpt_dir) if f.startswith("step_") and f.endswith(".ckpt"))
-    checkpoints = [os.path.join(ckpt_dir, f) for f in steps[:1]] + [os.path.join(ckpt_dir, LAST_NAME)]
+    checkpoints = [os.path.join(ckpt_dir, f) for f in steps] + [os.path.join(ckpt_dir, LAST_NAME)]
     return eval_main(
         [*checkpoints, "--real", os.path.join(out, "real"), "--out", os.path.join(out, "eval"), "--baseline"]
-        + ["--reconstruction", "--num-images", str(FID_IMAGES), "--steps", "20", "--guidance", "6"]
+        + ["--reconstruction", "--num-images", str(FID_IMAGES), *FID_SAMPLING]
     )
 
 

@@ -17,7 +17,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 
-from sdtrain.diffusion.sampling import initial_noise
+from sdtrain.diffusion.sampling import image_generators, initial_noise
 from sdtrain.errors import CheckpointError
 from sdtrain.export.diffusers_folder import export_text_kind, read_export_info
 from sdtrain.models.text_encoder import TextEncoderConfig, build_text_encoder, build_tokenizer
@@ -64,9 +64,11 @@ class ExportedPipeline:
                 "prompt_embeds": self.text(prompts),
                 "negative_prompt_embeds": self.text([negative_prompt] * len(prompts)),
             }
+        generators = image_generators(seeds)  # the starting noise, then an ancestral sampler's step noise
         return self.pipe(
             **prompt_args,
-            latents=initial_noise(seeds, self.latent_shape, self.pipe.device),
+            latents=initial_noise(seeds, self.latent_shape, self.pipe.device, generators),
+            generator=generators,
             height=self.latent_shape[1] * factor,
             width=self.latent_shape[2] * factor,
             num_inference_steps=steps,

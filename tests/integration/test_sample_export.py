@@ -37,7 +37,7 @@ def test_validation_loss_is_logged_and_falls(trained_run):
     assert any(r.get("val/loss_t062") for r in rows)  # per-timestep curve: 8 of 1000 -> 62, 187, ...
 
 
-@pytest.mark.parametrize("sampler", ["ddim", "euler", "dpm++"])
+@pytest.mark.parametrize("sampler", ["ddim", "euler", "euler_a", "dpm++"])
 def test_samples_are_deterministic_per_seed_whatever_the_batch(ckpt, sampler):
     model = load_trained(ckpt)
     cfg = SamplingConfig(steps=4, guidance=3.0, sampler=sampler)
@@ -69,7 +69,7 @@ def test_guidance_one_equals_the_conditional_only_path(ckpt):
     assert torch.allclose(fast, ((pixels + 1) / 2).clamp(0, 1), atol=1e-5)
 
 
-@pytest.mark.parametrize("sampler", ["ddim", "dpm++"])
+@pytest.mark.parametrize("sampler", ["ddim", "dpm++", "euler_a"])  # euler_a: the step noise too, per image
 def test_export_loads_in_diffusers_and_gives_the_same_pixels(ckpt, tmp_path, sampler):
     model = load_trained(ckpt)
     assert model.normalizer.shift == SHIFT  # the shift is folded into the exported VAE
