@@ -141,6 +141,7 @@ def denoise(
     conditioning = unet_kwargs(both, micro)
     if extra_channels is not None:
         extra_channels = torch.cat([extra_channels] * 2) if use_cfg else extra_channels
+    step_noise = {"generator": list(generators)} if generators is not None else {}
     for i, t in enumerate(timesteps):
         model_in = scheduler.scale_model_input(torch.cat([latents] * 2) if use_cfg else latents, t)
         if extra_channels is not None:
@@ -151,7 +152,6 @@ def denoise(
             pred = uncond + guidance * (cond - uncond)
             if guidance_rescale > 0:
                 pred = rescale_noise_cfg(pred, cond, guidance_rescale=guidance_rescale)
-        step_noise = {"generator": list(generators)} if generators is not None else {}
         latents = scheduler.step(pred, t, latents, **step_noise).prev_sample
         if keep is not None:
             mask, original = keep
