@@ -29,7 +29,8 @@ import torch
 from diffusers import AutoencoderKL
 from torchvision.utils import make_grid, save_image
 
-from sdtrain.checkpoint.format import LAST_NAME
+from sdtrain.checkpoint.files import load_checkpoint_meta
+from sdtrain.checkpoint.format import LAST_NAME, STEP_NAME
 from sdtrain.demo.emoji_images import CaptionedImage, emoji_pairs, load_pixels, write_image_folder
 from sdtrain.evaluate.report import write_report
 from sdtrain.models.diffusers_parts import encoder_fingerprint, read_latent_statistics
@@ -206,7 +207,11 @@ def evaluate_run(run_dir: str, out: str) -> int:
 
     ckpt_dir = os.path.join(run_dir, "checkpoints")
     steps = sorted(f for f in os.listdir(ckpt_dir) if f.startswith("step_") and f.endswith(".ckpt"))
-    checkpoints = [os.path.join(ckpt_dir, f) for f in steps] + [os.path.join(ckpt_dir, LAST_NAME)]
+    checkpoints = [os.path.join(ckpt_dir, f) for f in steps]
+    last = os.path.join(ckpt_dir, LAST_NAME)
+    # the last step is often a step checkpoint too (1,200 = 3 x 400): its FID would be sampled twice
+    if STEP_NAME.format(step=int(load_checkpoint_meta(last)["global_step"])) + ".ckpt" not in steps:
+        checkpoints.append(last)
     return eval_main(
         [*checkpoints, "--real", os.path.join(out, "real"), "--out", os.path.join(out, "eval"), "--baseline"]
         + ["--reconstruction", "--num-images", str(FID_IMAGES), *FID_SAMPLING]
