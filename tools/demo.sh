@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The README demo: install, then build real emoji data -> train a tiny VAE (sdtrain-train-vae) -> encode latent shards ->
-# train the tiny U-Net with EMA -> sample grids. About 24 minutes on 2 CPU cores. Output in ${1:-demo_out}/.
+# train the tiny U-Net with EMA -> sample grids. 23-34 minutes on 2 CPU cores (by the hour). Output in ${1:-demo_out}/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/install.sh
