@@ -24,6 +24,7 @@ from diffusers import AutoencoderKL
 sys.path.insert(0, os.path.dirname(__file__))
 from _util import table  # noqa: E402
 
+from sdtrain.demo.cli import demo_vae_folder  # noqa: E402
 from sdtrain.evaluate.images import mean_colour_images, read_image_folder  # noqa: E402
 from sdtrain.models.inception import InceptionFeatures, fid  # noqa: E402
 from sdtrain.seeding import numpy_rng  # noqa: E402
@@ -48,7 +49,7 @@ def main() -> None:
     count = len(real.names)
     if len(others) < args.groups * count:
         raise SystemExit(f"only {len(others)} other images: too few for {args.groups} groups of {count}")
-    vae = AutoencoderKL.from_pretrained(os.path.join(args.demo_out, "vae_run", "vae"), local_files_only=True).eval()
+    vae = AutoencoderKL.from_pretrained(demo_vae_folder(args.demo_out), local_files_only=True).eval()
     inception = InceptionFeatures(None, "cpu")
     reference = inception(real.images)
     baseline = fid(inception(mean_colour_images(real.images)), reference)

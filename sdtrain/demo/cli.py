@@ -2,7 +2,9 @@
 
 1. build a raw image-text set from installed packages (twemoji PNGs + emoji names, 32x32 px);
 2. train a tiny VAE with `sdtrain-train-vae experiment=vae_demo` (a fixed number of steps) so latents decode to
-   real pictures (DIR/vae_run: checkpoints, reconstruction grids, held-out PSNR/rFID, vae/ + latent statistics);
+   real pictures (DIR/vae_run: checkpoints, reconstruction grids, held-out PSNR/rFID, vae/ + latent statistics),
+   then fine-tune its decoder with a perceptual term, the encoder frozen (`experiment=vae_demo_decoder`,
+   DIR/vae_decoder_run/vae: the VAE the rest of the demo uses);
 3. encode the set into latent shards + manifest.json (moments, with measured scaling/shift, and each caption's
    hidden states from the real pretrained all-MiniLM-L6-v2 text model as text.npy);
 4. train the tiny U-Net with EMA (`experiment=demo`), writing checkpoints and sample grids;
@@ -83,25 +85,39 @@ def write_reference_images(pairs: list[CaptionedImage], pixels: np.ndarray, fold
     write_image_folder([pairs[i] for i in chosen], pixels[chosen], folder, names="{index:04d}")
 
 
-def train_demo_vae(out: str, image_size: int, steps: int | None, overrides: list[str]) -> str:
-    """Step 2 through the first-stage job (`sdtrain-train-vae experiment=vae_demo`); returns DIR/vae_run/vae."""
-    run_dir = os.path.abspath(os.path.join(out, "vae_run"))
+def demo_vae_folder(out: str) -> str:
+    """The VAE the demo's U-Net trains on: the decoder-tuned one (older demo folders: the first job's)."""
+    tuned = os.path.join(out, "vae_decoder_run", "vae")
+    return tuned if os.path.isdir(tuned) else os.path.join(out, "vae_run", "vae")
+
+
+def run_vae_job(out: str, run_name: str, image_size: int, overrides: list[str]) -> str:
+    """One `sdtrain-train-vae` job on the demo's image folders into DIR/run_name; returns its vae/ folder."""
+    run_dir = os.path.abspath(os.path.join(out, run_name))
     cmd = [
         sys.executable,
         "-m",
         "sdtrain.train_vae",
-        "experiment=vae_demo",
         f"data.images={os.path.abspath(os.path.join(out, 'images'))}",
         f"data.val_images={os.path.abspath(os.path.join(out, 'images_val'))}",
         f"data.resolution={image_size}",
-        *([f"trainer.max_steps={steps}"] if steps else []),
         f"hydra.run.dir={run_dir}",
         *overrides,
     ]
     log.info("training the VAE: %s", " ".join(cmd))
     if subprocess.call(cmd) != 0:
-        raise SystemExit("the VAE job failed (its log is above)")
+        raise SystemExit(f"the VAE job {run_name} failed (its log is above)")
     return os.path.join(run_dir, "vae")
+
+
+def train_demo_vae(out: str, image_size: int, steps: int | None, overrides: list[str]) -> str:
+    """Step 2: `sdtrain-train-vae experiment=vae_demo` (DIR/vae_run), then its decoder fine-tuned with the perceptual
+    term, the encoder frozen (`experiment=vae_demo_decoder`, DIR/vae_decoder_run); returns the final vae/ folder."""
+    steps_override = [f"trainer.max_steps={steps}"] if steps else []
+    first = run_vae_job(out, "vae_run", image_size, ["experiment=vae_demo", *steps_override, *overrides])
+    tuning = ["experiment=vae_demo_decoder", f"model.pretrained={first}", *overrides]
+    run_vae_job(out, "vae_decoder_run", image_size, tuning)
+    return demo_vae_folder(out)
 
 
 def prepare(out: str, image_size: int, vae_steps: int | None, vae_overrides: list[str]) -> tuple[str, str]:
@@ -161,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         "--vae-steps", type=int, default=None, help="VAE training steps (default: experiment=vae_demo's max_steps)"
     )
     parser.add_argument(
-        "--vae-override", action="append", default=[], help="a Hydra override for the VAE job (repeatable)"
+        "--vae-override", action="append", default=[], help="a Hydra override for both VAE jobs (repeatable)"
     )
     parser.add_argument("--skip-eval", action="store_true", help="no FID evaluation after training")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for the U-Net run, e.g. trainer.max_steps=200")

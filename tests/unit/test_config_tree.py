@@ -32,7 +32,13 @@ PRESETS = (
 
 
 # the VAE job's (conf/train_vae.yaml): the same strategy presets, its own data/model/loss/callbacks
-VAE_PRESETS = [("model", "vae_tiny"), ("model", "vae_sd"), ("loss", "autoencoder_gan"), ("experiment", "vae_demo")]
+VAE_PRESETS = [
+    ("model", "vae_tiny"),
+    ("model", "vae_sd"),
+    ("loss", "autoencoder_gan"),
+    ("experiment", "vae_demo"),
+    ("experiment", "vae_demo_decoder"),
+]
 VAE_PRESETS += [("strategy", name) for name in ("ddp", "deepspeed_zero2")]
 GROUPS = {
     "train": ("data", "model", "diffusion", "optim", "callbacks", "strategy"),
