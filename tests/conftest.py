@@ -1,5 +1,4 @@
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -13,12 +12,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 logging.getLogger("torch.__trace").propagate = True
 
 from helpers import make_dataset  # noqa: E402
-
-# Under pytest-xdist (the README's `-n 2`) each worker gets its share of the cores, as do the processes its tests
-# start (OMP_NUM_THREADS): two workers each running torch on every core would oversubscribe them.
-if workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0")):
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
-    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @pytest.fixture(scope="session")
@@ -109,24 +102,8 @@ def raw_tars(tmp_path_factory) -> list[Path]:
     return emoji_raw_tars(tmp_path_factory.mktemp("raw"), count=96, per_tar=16)
 
 
-# Session fixtures worth building once: under `-n 2 --dist loadgroup` their users share one worker.
-SHARED_FIXTURES = {"vae_run": "vae_run", "vae_dir": "vae_run", "trained_run": "trained_run"}
-
-
-def _xdist_group(item: pytest.Item) -> str:
-    """A test's xdist group: the expensive session fixture it uses, else its module (whose module-scoped
-    fixtures then run on one worker only); the SLURM tests share the one local cluster."""
-    if "slurm" in item.keywords:
-        return "slurm"
-    used = [SHARED_FIXTURES[name] for name in getattr(item, "fixturenames", ()) if name in SHARED_FIXTURES]
-    return used[0] if used else item.nodeid.split("::")[0]
-
-
 def pytest_collection_modifyitems(config, items):
-    """xdist groups (see _xdist_group); `gpu` tests need a CUDA device: skipped (with the reason) where there is
-    none."""
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(_xdist_group(item)))
+    """`gpu` tests need a CUDA device: skipped (with the reason) where there is none."""
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
