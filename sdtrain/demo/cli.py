@@ -1,4 +1,4 @@
-"""`sdtrain-demo`: the whole story on CPU with real captioned images, in 23-34 min on 2 cores with the install.
+"""`sdtrain-demo`: the whole story on CPU with real captioned images, in 24-31 min on 2 cores with the install.
 
 1. build a raw image-text set from installed packages (twemoji PNGs + emoji names, 32x32 px);
 2. train a tiny VAE with `sdtrain-train-vae experiment=vae_demo` (a fixed number of steps) so latents decode to
