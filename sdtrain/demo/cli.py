@@ -116,8 +116,7 @@ def train_demo_vae(out: str, image_size: int, steps: int | None, overrides: list
     steps_override = [f"trainer.max_steps={steps}"] if steps else []
     first = run_vae_job(out, "vae_run", image_size, ["experiment=vae_demo", *steps_override, *overrides])
     tuning = ["experiment=vae_demo_decoder", f"model.pretrained={first}", *overrides]
-    run_vae_job(out, "vae_decoder_run", image_size, tuning)
-    return demo_vae_folder(out)
+    return run_vae_job(out, "vae_decoder_run", image_size, tuning)
 
 
 def prepare(out: str, image_size: int, vae_steps: int | None, vae_overrides: list[str]) -> tuple[str, str]:
