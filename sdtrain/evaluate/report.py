@@ -49,12 +49,14 @@ def _version(path: str) -> int:
     return int(os.path.basename(os.path.dirname(path)).split("_")[-1])
 
 
-def read_fid(eval_dir: str) -> list[tuple[int, float]]:
+def read_fid(eval_dir: str, guided: bool = False) -> list[tuple[int, float]]:
+    """[(step, FID)] of the checkpoints sdtrain-eval sampled; `guided`: its rows with autoguidance instead."""
     path = os.path.join(eval_dir, "metrics.csv")
     if not os.path.isfile(path):
         raise ConfigError(f"--eval {eval_dir} has no metrics.csv (an sdtrain-eval --out folder)")
     with open(path, encoding="utf-8") as f:
-        return sorted((int(r["step"]), float(r["fid"])) for r in csv.DictReader(f) if r.get("step"))
+        rows = [r for r in csv.DictReader(f) if r.get("step") and bool(r.get("guide")) == guided]
+    return sorted((int(r["step"]), float(r["fid"])) for r in rows)
 
 
 def plot(series: dict[str, list[tuple[int, float]]], fid: list[tuple[int, float]], out: str) -> list[str]:
@@ -87,6 +89,7 @@ def write_report(run_dir: str, eval_dir: str | None = None, out: str | None = No
     out = out or os.path.join(run_dir, "report.html")
     series = read_metrics(run_dir)
     fid = read_fid(eval_dir) if eval_dir else []
+    guided_fid = read_fid(eval_dir, guided=True) if eval_dir else []
     metrics_png = os.path.splitext(out)[0] + "_metrics.png"
     titles = plot(series, fid, metrics_png)
     grids = sorted(glob.glob(os.path.join(run_dir, "samples", "step_*.png")))
@@ -104,6 +107,7 @@ def write_report(run_dir: str, eval_dir: str | None = None, out: str | None = No
     ]
     if fid:
         rows = "".join(f"<tr><td>{s}</td><td>{v:.2f}</td></tr>" for s, v in fid)
+        rows += "".join(f"<tr><td>{s}, with autoguidance</td><td>{v:.2f}</td></tr>" for s, v in guided_fid)
         parts.append(f"<h2>FID</h2><table border=1 cellpadding=4><tr><th>step</th><th>FID</th></tr>{rows}</table>")
     parts.append(f"<h2>Sample grids ({len(grids)})</h2>")
     for grid in grids:

@@ -32,6 +32,7 @@ from sdtrain.errors import ConfigError, command_line
 from sdtrain.models.diffusers_parts import vae_scale_factor
 
 GRID = SamplingConfig()  # the CLI's sampling defaults are the training grids' (diffusion/sampling.py)
+AUTOGUIDANCE = 2.0  # measured on the demo (README): its final checkpoint guided by its half-way one
 log = logging.getLogger("sdtrain.sample")
 
 
@@ -72,9 +73,10 @@ def sample_images(
     latent_shape: tuple[int, ...],
     progress: bool = False,
     edit: EditInputs | None = None,
+    guide: TrainedModel | None = None,
 ) -> torch.Tensor:
     """Images (N, 3, H, W) in [0, 1] for (prompt, seed) pairs, `batch_size` at a time; `edit` holds one init
-    image (and mask) for all pairs."""
+    image (and mask) for all pairs; `guide` is the weaker model of `cfg.autoguidance` (load_guide)."""
     tokenizer = model.tokenizer
     out = []
     batches = range(0, len(pairs), batch_size)
@@ -94,9 +96,26 @@ def sample_images(
                 train_scheduler_config=model.diffusion.scheduler_config(),
                 edit=repeated(edit, len(chunk)),
                 inpainting=model.diffusion.inpainting,
+                guide=guide.unet if guide is not None else None,
             ).cpu()
         )
     return torch.cat(out)
+
+
+def load_guide(path: str, model: TrainedModel, weights: str, device: str) -> TrainedModel:
+    """The weaker model for autoguidance: a checkpoint of the same kind of run (an earlier one of the same run is
+    what Karras et al. use). ConfigError when its latents, text conditioning or noise schedule differ."""
+    guide = load_trained(path, weights, device)
+    same = {
+        "latent shape": guide.latent_shape == model.latent_shape,
+        "text encoder": guide.text_config == model.text_config and guide.text_config_2 == model.text_config_2,
+        "noise schedule": guide.diffusion.scheduler_config() == model.diffusion.scheduler_config(),
+        "U-Net inputs": guide.unet.config.in_channels == model.unet.config.in_channels,
+    }
+    differing = [name for name, ok in same.items() if not ok]
+    if differing:
+        raise ConfigError(f"guide {path} cannot guide this checkpoint: they differ in {', '.join(differing)}")
+    return guide
 
 
 def repeated(edit: EditInputs | None, n: int) -> EditInputs | None:
@@ -125,6 +144,22 @@ def write_images(images: torch.Tensor, pairs: Sequence[tuple[str, int]], out: st
     return grid
 
 
+def add_autoguidance_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--guide", help="autoguidance: a weaker checkpoint of the same run (e.g. an earlier step)")
+    parser.add_argument(
+        "--autoguidance", type=float, help=f"autoguidance weight with --guide (default {AUTOGUIDANCE}; 1 = off)"
+    )
+
+
+def autoguidance_weight(args: argparse.Namespace) -> float:
+    """--autoguidance as SamplingConfig takes it: 1 (off) without --guide, which it needs."""
+    if args.guide is None:
+        if args.autoguidance is not None:
+            raise ConfigError("--autoguidance needs --guide (the weaker checkpoint to guide against)")
+        return 1.0
+    return AUTOGUIDANCE if args.autoguidance is None else args.autoguidance
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="a training checkpoint (.ckpt)")
@@ -148,6 +183,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--mask", help="inpainting checkpoints: white = repaint, black = keep; the image's size")
     parser.add_argument("--weights", choices=WEIGHTS, default="ema", help="EMA (default) or raw U-Net weights")
+    add_autoguidance_args(parser)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return parser.parse_args(argv)
 
@@ -187,14 +223,18 @@ def run(args: argparse.Namespace) -> str:
             negative_prompt=args.negative_prompt,
             sampler=args.sampler,
             guidance_rescale=args.guidance_rescale,
+            autoguidance=autoguidance_weight(args),
         )
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    guide = load_guide(args.guide, model, args.weights, args.device) if args.guide else None
     pairs = [(p, s) for p in prompts for s in args.seeds]
     log.info(
         "step %d (%s weights): %d images, %s x %d steps", model.step, model.weights, len(pairs), cfg.sampler, cfg.steps
     )
-    images = sample_images(model, pairs, cfg, batch_size=args.batch_size, latent_shape=shape, progress=True, edit=edit)
+    images = sample_images(
+        model, pairs, cfg, batch_size=args.batch_size, latent_shape=shape, progress=True, edit=edit, guide=guide
+    )
     return write_images(images, pairs, args.out, len(args.seeds))
 
 

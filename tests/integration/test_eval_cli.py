@@ -4,14 +4,17 @@ import csv
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 from helpers import REPO, run_train
 
+from sdtrain.checkpoint.format import find_ema_state
 from sdtrain.checkpoint.trained import load_trained
 from sdtrain.evaluate.cli import main as eval_main
 from sdtrain.evaluate.images import read_image_folder
+from sdtrain.evaluate.report import write_report
 from sdtrain.export.diffusers_folder import export_diffusers
 from sdtrain.models.inception import InceptionFeatures, fid
 from sdtrain.vae.metrics import reconstruct
@@ -49,6 +52,51 @@ def test_eval_cli_table_plot_and_baseline(trained_run, tmp_path, capsys):
 
     assert eval_main([*cmd[3:], "--inception", "/nonexistent.pt"]) == 2
     assert capsys.readouterr().err.strip() == "error: Inception weights not found: /nonexistent.pt"
+
+
+def _weaker_copy(checkpoint, path):
+    """The checkpoint as an 'earlier step' of its run: global step 10, EMA weights pulled towards zero."""
+    data = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    data["global_step"] = 10
+    ema = find_ema_state(data)
+    for name in ema["shadow"]:
+        ema["shadow"][name] = ema["shadow"][name] * 0.8
+    torch.save(data, path)
+    return path
+
+
+def test_eval_with_autoguidance_adds_a_guided_row_per_later_checkpoint(trained_run, tmp_path, capsys):
+    from PIL import Image
+
+    real = tmp_path / "real"
+    real.mkdir()
+    for i in range(4):
+        Image.new("RGB", (32, 32), (60 * i, 200, 90)).save(real / f"{i:04d}.png")
+        (real / f"{i:04d}.txt").write_text(f"green square {i}")
+    last = trained_run / "checkpoints" / "last.ckpt"
+    guide = _weaker_copy(last, tmp_path / "guide.ckpt")
+    out = tmp_path / "eval"
+    args = [str(last), str(guide), "--real", str(real), "--out", str(out), "--num-images", "4", "--steps", "2"]
+    assert eval_main([*args, "--guide", str(guide), "--autoguidance", "3"]) == 0
+    rows = list(csv.DictReader((out / "metrics.csv").read_text().splitlines()))
+    # last (step 30): plain and guided by the step-10 copy; the guide itself (step 10): plain only
+    assert [(r["step"], r["guide"]) for r in rows] == [("30", ""), ("30", "10"), ("10", "")]
+    assert rows[0]["fid"] != rows[1]["fid"]
+    assert (out / "step_000030_guided_000010_grid.png").is_file()
+    report = write_report(str(trained_run), str(out), str(tmp_path / "report.html"))
+    assert "30, with autoguidance" in Path(report).read_text(encoding="utf-8")
+
+    assert eval_main([*args, "--autoguidance", "3"]) == 2
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .endswith("--autoguidance needs --guide (the weaker checkpoint to guide against)")
+    )
+    other = torch.load(guide, map_location="cpu", weights_only=False)
+    other["sdtrain"]["spec"]["latent_shape"] = [4, 16, 16]
+    torch.save(other, tmp_path / "other.ckpt")
+    assert eval_main([*args[:1], *args[2:], "--guide", str(tmp_path / "other.ckpt")]) == 2
+    assert "cannot guide this checkpoint: they differ in latent shape" in capsys.readouterr().err
 
 
 def test_fine_tune_from_export_and_ldm_file(trained_run, tmp_path, dataset):
