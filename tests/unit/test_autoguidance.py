@@ -9,7 +9,9 @@ from diffusers import DDIMScheduler
 from torch import nn
 
 from sdtrain.diffusion.sampling import SamplingConfig, denoise
+from sdtrain.errors import ConfigError
 from sdtrain.models.conditioning import TextStates
+from sdtrain.training.callbacks.build import CallbacksConfig, build_callbacks
 
 
 class AffineUNet(nn.Module):
@@ -71,6 +73,9 @@ def test_a_model_guiding_itself_changes_nothing_and_weight_one_skips_the_guide()
     assert not torch.allclose(plain, guided, atol=1e-3)
 
 
-def test_autoguidance_below_one_is_refused():
+def test_autoguidance_below_one_and_in_training_grids_is_refused(tmp_path):
     with pytest.raises(ValueError, match="autoguidance must be >= 1"):
         SamplingConfig(autoguidance=0.5)
+    cfg = CallbacksConfig(sampling=SamplingConfig(autoguidance=2.0))
+    with pytest.raises(ConfigError, match="callbacks.sampling.autoguidance needs a guide checkpoint"):
+        build_callbacks(cfg, str(tmp_path), val_shards=None, latent_key="latents")

@@ -67,6 +67,11 @@ def build_callbacks(
     cfg: CallbacksConfig, run_dir: str, *, val_shards: object, latent_key: str, progress_bar: bool = True
 ) -> list[L.Callback]:
     """The U-Net run's callbacks; `val_shards` is data.val_shards (the held-out set callbacks.validation needs)."""
+    if cfg.sampling.autoguidance != 1.0:
+        raise ConfigError(
+            "callbacks.sampling.autoguidance needs a guide checkpoint, which training grids do not have: use "
+            "sdtrain-sample/sdtrain-eval --guide EARLIER.ckpt on the run's checkpoints"
+        )
     callbacks = base_callbacks(cfg, run_dir, progress_bar=progress_bar)
     if cfg.validation.every_n_steps > 0:
         if val_shards is None:
