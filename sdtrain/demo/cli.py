@@ -1,4 +1,4 @@
-"""`sdtrain-demo`: the whole story on CPU with real captioned images, in 24-31 min on 2 cores with the install.
+"""`sdtrain-demo`: the whole story on CPU with real captioned images, in 21-32 min on 2 cores with the install.
 
 1. build a raw image-text set from installed packages (twemoji PNGs + emoji names, 32x32 px);
 2. train a tiny VAE with `sdtrain-train-vae experiment=vae_demo` (a fixed number of steps) so latents decode to
@@ -228,8 +228,8 @@ def evaluate_run(run_dir: str, out: str) -> int:
     ckpt_dir = os.path.join(run_dir, "checkpoints")
     steps = sorted(f for f in os.listdir(ckpt_dir) if f.startswith("step_") and f.endswith(".ckpt"))
     # the last step is often a step checkpoint too (1,200 = 4 x 300): its FID would be sampled twice
-    final_step = STEP_NAME.format(step=int(load_checkpoint_meta(os.path.join(ckpt_dir, LAST_NAME))["global_step"]))
-    final = os.path.join(ckpt_dir, final_step + ".ckpt" if final_step + ".ckpt" in steps else LAST_NAME)
+    final_name = STEP_NAME.format(step=int(load_checkpoint_meta(os.path.join(ckpt_dir, LAST_NAME))["global_step"]))
+    final = os.path.join(ckpt_dir, final_name + ".ckpt" if final_name + ".ckpt" in steps else LAST_NAME)
     first = os.path.join(ckpt_dir, steps[0]) if steps and os.path.join(ckpt_dir, steps[0]) != final else None
     checkpoints = [first, final] if first else [final]
     guide = ["--guide", first] if first else []

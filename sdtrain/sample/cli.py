@@ -32,7 +32,7 @@ from sdtrain.errors import ConfigError, command_line
 from sdtrain.models.diffusers_parts import vae_scale_factor
 
 GRID = SamplingConfig()  # the CLI's sampling defaults are the training grids' (diffusion/sampling.py)
-AUTOGUIDANCE = 2.0  # measured on the demo (README): its final checkpoint guided by its half-way one
+AUTOGUIDANCE = 2.0  # measured on the demo (README): its final checkpoint guided by its step-300 one (a quarter)
 log = logging.getLogger("sdtrain.sample")
 
 
@@ -103,8 +103,9 @@ def sample_images(
 
 
 def load_guide(path: str, model: TrainedModel, weights: str, device: str) -> TrainedModel:
-    """The weaker model for autoguidance: a checkpoint of the same kind of run (an earlier one of the same run is
-    what Karras et al. use). ConfigError when its latents, text conditioning or noise schedule differ."""
+    """The weaker model for autoguidance: Karras et al. use a smaller and shorter-trained model of the same kind;
+    an earlier checkpoint of the same run is the simplest. ConfigError when its latents, text conditioning or noise
+    schedule differ."""
     guide = load_trained(path, weights, device)
     same = {
         "latent shape": guide.latent_shape == model.latent_shape,
