@@ -79,6 +79,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def evaluate(args: argparse.Namespace) -> list[dict[str, Any]]:
     if args.num_images < 2:
         raise ConfigError("--num-images must be >= 2 (FID needs a covariance)")
+    try:  # before any checkpoint loads: a bad setting is one line, at once (as sdtrain-sample)
+        cfg = SamplingConfig(steps=args.steps, guidance=args.guidance, sampler=args.sampler)
+        guided_cfg = dataclasses.replace(cfg, autoguidance=autoguidance_weight(args))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     models = [(path, load_trained(path, args.weights, args.device)) for path in args.checkpoints]
     first = models[0][1]
     factor = vae_scale_factor(first.vae)
@@ -93,8 +98,6 @@ def evaluate(args: argparse.Namespace) -> list[dict[str, Any]]:
     real_features = inception(real.images)
     log.info("reference: %d images from %s at %dpx", len(pairs), args.real, size)
     rows: list[dict[str, Any]] = []
-    cfg = SamplingConfig(steps=args.steps, guidance=args.guidance, sampler=args.sampler)
-    guided_cfg = dataclasses.replace(cfg, autoguidance=autoguidance_weight(args))
     guide = load_guide(args.guide, first, args.weights, args.device) if args.guide else None
     os.makedirs(args.out, exist_ok=True)
     for path, model in models:

@@ -86,6 +86,8 @@ def test_eval_with_autoguidance_adds_a_guided_row_per_later_checkpoint(trained_r
     report = write_report(str(trained_run), str(out), str(tmp_path / "report.html"))
     assert "30, with autoguidance" in Path(report).read_text(encoding="utf-8")
 
+    assert eval_main([*args, "--guide", str(guide), "--autoguidance", "0.5"]) == 2
+    assert capsys.readouterr().err.strip().endswith("autoguidance must be >= 1 (1 = off), got 0.5")
     assert eval_main([*args, "--autoguidance", "3"]) == 2
     assert (
         capsys.readouterr()
