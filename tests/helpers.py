@@ -5,13 +5,13 @@ from __future__ import annotations
 import functools
 import io
 import json
-import os
 import subprocess
 import sys
 import tarfile
 from pathlib import Path
 
 import numpy as np
+from cli_runner import run_module
 
 from sdtrain.prep.shard_writer import LatentSample, npy_bytes, write_shards
 
@@ -32,19 +32,25 @@ def make_dataset(out_dir: Path, n: int = 64, per_shard: int = 16, **kw) -> Path:
     return out_dir / "manifest.json"
 
 
-def run_train(run_dir: Path, *overrides: str, timeout: int = 600, env: dict | None = None):
-    cmd = [sys.executable, "-m", "sdtrain.train", "experiment=tiny", f"hydra.run.dir={run_dir}", *overrides]
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=full_env)
+def run_train(run_dir: Path, *overrides: str, timeout: int = 600, env: dict | None = None, fresh: bool = False):
+    """`sdtrain-train experiment=tiny hydra.run.dir=RUN_DIR OVERRIDES` as its own process (cli_runner), or one per
+    rank with `trainer.devices=N` (torchrun's environment; fresh=True: one fresh process and Lightning's launcher)."""
+    args = ["experiment=tiny", f"hydra.run.dir={run_dir}", *overrides]
+    ranks = 1 if fresh else _devices(overrides)  # fresh: Lightning's launcher starts the other ranks
+    return run_module("sdtrain.train", *args, cwd=REPO, env=env, timeout=timeout, fresh=fresh, ranks=ranks)
+
+
+def _devices(overrides) -> int:
+    """N of a `trainer.devices=N` override (1 without one): the ranks run_train starts, as torchrun would."""
+    given = [o.split("=", 1)[1] for o in overrides if o.startswith("trainer.devices=")]
+    return int(given[-1]) if given and given[-1].isdigit() else 1
 
 
 def run_train_vae(run_dir: Path, *overrides: str, timeout: int = 900, env: dict | None = None):
     """`sdtrain-train-vae experiment=vae_demo` (the demo's 32 px VAE) with progress lines instead of a bar, at a
     constant rate: the tests' budgets (and the resume tests' max_steps) differ from the demo's cosine schedule."""
-    base = ["experiment=vae_demo", "optim.schedule=constant", f"hydra.run.dir={run_dir}"]
-    cmd = [sys.executable, "-m", "sdtrain.train_vae", *base, *overrides]
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=full_env)
+    args = ["experiment=vae_demo", "optim.schedule=constant", f"hydra.run.dir={run_dir}", *overrides]
+    return run_module("sdtrain.train_vae", *args, cwd=REPO, env=env, timeout=timeout, ranks=_devices(overrides))
 
 
 # Runs sdtrain-train once per case in ONE fresh process (the imports, ~8 s, paid once), each with its own

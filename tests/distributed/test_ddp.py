@@ -27,6 +27,7 @@ def test_two_process_ddp_fit_on_gloo(tmp_path, dataset, val_dataset):
         "data.num_workers=1",
         "trainer.enable_progress_bar=false",
         timeout=300,
+        fresh=True,  # Lightning's own launcher starts rank 1, as for `sdtrain-train trainer.devices=2` on one machine
     )
     assert result.returncode == 0, result.stderr[-3000:]
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)

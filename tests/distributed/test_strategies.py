@@ -12,12 +12,11 @@ tests/integration/test_exact_resume.py; ZeRO-1, ZeRO-2 and ZeRO-3 without offloa
 
 import csv
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
-from helpers import run_train
+from cli_runner import run_module
+from helpers import REPO, run_train
 
 from sdtrain.checkpoint.files import load_full_checkpoint
 
@@ -136,9 +135,7 @@ def test_consolidate_and_sample_a_zero3_checkpoint(tmp_path, straight):
 
     ckpt = straight["deepspeed_zero3"] / "checkpoints" / "last.ckpt"
     out = tmp_path / "unet.safetensors"
-    done = subprocess.run(
-        [sys.executable, "-m", "sdtrain.export.consolidate", str(ckpt), str(out)], capture_output=True, text=True
-    )
+    done = run_module("sdtrain.export.consolidate", str(ckpt), str(out), cwd=REPO)
     assert done.returncode == 0, done.stderr[-2000:]
     tensors = load_file(out)
     full = load_full_checkpoint(str(ckpt))
@@ -148,7 +145,7 @@ def test_consolidate_and_sample_a_zero3_checkpoint(tmp_path, straight):
     assert torch.equal(read_weights(str(out))["conv_in.weight"], _ema(full)["conv_in.weight"])  # fine-tunes from EMA
 
     samples = tmp_path / "samples"
-    cmd = [sys.executable, "-m", "sdtrain.sample.cli", str(ckpt), "--prompt", "red apple", "--steps", "2"]
-    sampled = subprocess.run([*cmd, "--out", str(samples)], capture_output=True, text=True)
+    args = [str(ckpt), "--prompt", "red apple", "--steps", "2", "--out", str(samples)]
+    sampled = run_module("sdtrain.sample.cli", *args, cwd=REPO)
     assert sampled.returncode == 0, sampled.stderr[-2000:]
     assert (samples / "grid.png").is_file()

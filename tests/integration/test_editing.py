@@ -8,6 +8,7 @@ import tarfile
 import numpy as np
 import pytest
 import torch
+from cli_runner import run_module
 from helpers import REPO, run_train
 from PIL import Image
 
@@ -213,10 +214,7 @@ def test_inpainting_export_runs_in_plain_diffusers_inpaint_pipeline(tmp_path, in
 
     out = tmp_path / "export"
     ckpt = inpaint_run / "checkpoints" / "last.ckpt"
-    done = subprocess.run(
-        [sys.executable, "-m", "sdtrain.export.cli", str(ckpt), str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    done = run_module("sdtrain.export.cli", str(ckpt), str(out), cwd=REPO, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads((out / "model_index.json").read_text())["_class_name"] == "StableDiffusionInpaintPipeline"
     init, mask = _image(tmp_path / "init.png"), _mask(tmp_path / "mask.png")

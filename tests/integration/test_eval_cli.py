@@ -2,12 +2,11 @@
 
 import csv
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from cli_runner import run_module
 from helpers import REPO, run_train
 
 from sdtrain.checkpoint.format import find_ema_state
@@ -34,9 +33,9 @@ def test_eval_cli_table_plot_and_baseline(trained_run, tmp_path, capsys):
         (real / f"{i:04d}.txt").write_text(f"grinning face {i}")
     ckpts = sorted((trained_run / "checkpoints").glob("*.ckpt"))
     out = tmp_path / "eval"
-    cmd = [sys.executable, "-m", "sdtrain.evaluate.cli", *map(str, ckpts), "--real", str(real), "--out", str(out)]
-    cmd += ["--num-images", "8", "--steps", "2", "--baseline", "--reconstruction"]
-    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    args = [*map(str, ckpts), "--real", str(real), "--out", str(out)]
+    args += ["--num-images", "8", "--steps", "2", "--baseline", "--reconstruction"]
+    result = run_module("sdtrain.evaluate.cli", *args, cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = list(csv.DictReader((out / "metrics.csv").read_text().splitlines()))
     assert [r["name"] for r in rows][-2:] == ["mean colour image", "VAE reconstruction"]
@@ -50,7 +49,7 @@ def test_eval_cli_table_plot_and_baseline(trained_run, tmp_path, capsys):
     assert json.loads((out / "metrics.json").read_text())[0]["step"] == 30
     assert (out / "metrics.png").stat().st_size > 1000
 
-    assert eval_main([*cmd[3:], "--inception", "/nonexistent.pt"]) == 2
+    assert eval_main([*args, "--inception", "/nonexistent.pt"]) == 2
     assert capsys.readouterr().err.strip() == "error: Inception weights not found: /nonexistent.pt"
 
 

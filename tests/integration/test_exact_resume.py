@@ -7,12 +7,11 @@ import os
 import random
 import shutil
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
 import torch
+from cli_runner import start_module
 from helpers import REPO, run_train
 
 from sdtrain.checkpoint.files import load_checkpoint_meta, load_full_checkpoint
@@ -39,8 +38,7 @@ def _ckpt(run):
 
 
 def _kill_after_first_checkpoint(run, overrides):
-    cmd = [sys.executable, "-m", "sdtrain.train", "experiment=tiny", f"hydra.run.dir={run}", *overrides]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = start_module("sdtrain.train", "experiment=tiny", f"hydra.run.dir={run}", *overrides, cwd=REPO)
     deadline = time.time() + 240
     while not (run / "checkpoints" / "last.ckpt").exists():  # written (atomically) right after step_000003
         assert proc.poll() is None and time.time() < deadline, "run ended before its first checkpoint"

@@ -22,6 +22,7 @@ def test_a_job_log_has_a_header_progress_lines_and_no_noise(tmp_path, dataset):
         "callbacks.progress.every_n_steps=4",
         "callbacks.progress.every_seconds=0",
         "callbacks.samples.every_n_steps=0",
+        fresh=True,  # a fresh interpreter: the noise of the imports is part of what the log shows
     )
     assert result.returncode == 0, result.stderr[-3000:]
     log = result.stdout + result.stderr  # captured: not a terminal, as under SLURM

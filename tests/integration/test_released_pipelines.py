@@ -5,11 +5,10 @@ diffusers' from_single_file loads, and `model.pretrained=FILE` starts from it ag
 
 import json
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
+from cli_runner import run_module
 from diffusers import StableDiffusionPipeline
 from helpers import CAPTIONS, REPO, assert_same_parts, make_dataset, only_folder, plain_diffusers_classes, run_train
 from pipelines import save_tiny_pipeline
@@ -79,8 +78,8 @@ def test_export_runs_in_plain_diffusers_with_the_same_pixels(finetuned, tmp_path
 def test_single_file_out_loads_in_diffusers_and_starts_a_run(finetuned, tmp_path, dataset):
     version, source, run = finetuned
     out, file = tmp_path / "export", tmp_path / "model.safetensors"
-    export = [sys.executable, "-m", "sdtrain.export.cli", str(run / "checkpoints" / "last.ckpt"), str(out)]
-    result = subprocess.run([*export, "--single-file", str(file)], cwd=REPO, capture_output=True, text=True)
+    export = [str(run / "checkpoints" / "last.ckpt"), str(out), "--single-file", str(file)]
+    result = run_module("sdtrain.export.cli", *export, cwd=REPO)
     assert result.returncode == 0, result.stderr[-2000:]
     with safe_open(str(file), "pt") as f:
         prefixes = {k.split(".")[0] + "." + k.split(".")[1] for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)

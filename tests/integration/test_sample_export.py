@@ -1,11 +1,10 @@
 """Sampling from a checkpoint, export to diffusers, and back: determinism, CFG=1, same pixels, every tensor."""
 
 import csv
-import subprocess
-import sys
 
 import pytest
 import torch
+from cli_runner import run_module
 from conftest import SHIFT
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from helpers import REPO, assert_same_parts, only_folder, plain_diffusers_classes, run_train
@@ -143,9 +142,7 @@ def test_single_file_of_an_open_clip_run_loads_in_diffusers_and_starts_a_run_fro
 
 
 def _cli(module, *args, timeout=300):
-    return subprocess.run(
-        [sys.executable, "-m", module, *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=timeout
-    )
+    return run_module(module, *map(str, args), cwd=REPO, timeout=timeout)
 
 
 def test_sample_cli_writes_pngs_grid_and_index(ckpt, tmp_path):
