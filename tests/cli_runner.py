@@ -1,15 +1,17 @@
 """Run an sdtrain command (`python -m MODULE ARGS`) as its own process without paying its imports every time.
 
-A fresh interpreter spends ~9 s of a 2-core machine importing torch, Lightning (which imports torchmetrics, and with
-it torchvision, transformers and scipy), diffusers and open_clip before the first step; the suite starts ~150 such
-commands. Here a fork server (multiprocessing's "forkserver") imports those modules once per test session and forks
-one child per command: the child runs the module as `__main__` with the given argv, environment and working
-directory, its stdout/stderr in files, and exits with the command's exit code, as `subprocess.run` reports it. A
-child is still a separate process (own memory, signals, exit code; a Lightning DDP launch starts its other ranks as
-`python -m MODULE ...` as usual); what it shares with the others is only the imported code, which it never saw run.
+A fresh interpreter spends ~9 s of a 2-core machine importing torch, Lightning (which imports torchmetrics, and
+with it torchvision, transformers and scipy), diffusers and open_clip before the first step; most slow tests start
+one or more such commands. Here a fork server (multiprocessing's "forkserver") imports those modules once per test
+session and forks one child per command: the child runs the module as `__main__` with the given argv, environment
+and working directory, its stdout/stderr in files, and exits with the command's exit code as `subprocess.run`
+reports it. A child is still a process of its own (memory, signals, exit code, atexit handlers); what the children
+share is the modules' state as their imports left it, since the server runs nothing else. Several ranks are
+started as torchrun starts its workers (`ranks=N`).
 
-SDTRAIN_TESTS_FRESH_PROCESSES=1 runs every command as a fresh interpreter instead (to rule this runner out), and
-`fresh=True` does so for one command (the tests of what a fresh process prints while importing).
+SDTRAIN_TESTS_FRESH_PROCESSES=1 runs every command as a fresh interpreter instead (to rule this runner out; ranks are
+then started by Lightning's launcher), and `fresh=True` does so for one command (the tests of what a fresh process
+prints while importing, and of Lightning's launcher).
 """
 
 from __future__ import annotations
