@@ -68,11 +68,10 @@ def run_module(
             children.append(_SERVER.Process(target=_run_as_main, args=(module, rank_args, str(cwd), rank_env, paths)))
             children[-1].start()
             outputs.append(paths)
-        _wait_all(children, timeout, cmd)
+        code = _wait_all(children, timeout, cmd)
         stdout, stderr = ("".join(Path(p[i]).read_text(encoding="utf-8", errors="replace") for p in outputs)
                           for i in (0, 1))  # fmt: skip
-    failed = [c.exitcode for c in children if c.exitcode]
-    return subprocess.CompletedProcess(cmd, failed[0] if failed else 0, stdout, stderr)
+    return subprocess.CompletedProcess(cmd, code, stdout, stderr)
 
 
 def _torchrun_env(rank: int, world: int, port: int) -> dict[str, str]:
@@ -83,12 +82,13 @@ def _torchrun_env(rank: int, world: int, port: int) -> dict[str, str]:
     }  # fmt: skip
 
 
-def _wait_all(children: list, timeout: float, cmd: list[str]) -> None:
-    """Until every child has exited; the rest killed once one fails (a rank left alone would wait for its peer
-    until the process group's timeout) or when TIMEOUT passes (then TimeoutExpired)."""
+def _wait_all(children: list, timeout: float, cmd: list[str]) -> int:
+    """Wait until every child has exited; the exit code of the first to fail (0 if none did). Once one fails the
+    rest are killed (a rank left alone would wait for its peer until the process group's timeout); past TIMEOUT,
+    all of them (then TimeoutExpired)."""
     deadline = time.monotonic() + timeout
     while any(c.is_alive() for c in children):
-        failed = any(c.exitcode for c in children)
+        failed = [c.exitcode for c in children if c.exitcode]
         if failed or time.monotonic() > deadline:
             for child in children:
                 child.kill()
@@ -96,8 +96,9 @@ def _wait_all(children: list, timeout: float, cmd: list[str]) -> None:
                 child.join()
             if not failed:
                 raise subprocess.TimeoutExpired(cmd, timeout)
-            return
+            return failed[0]
         multiprocessing.connection.wait([c.sentinel for c in children if c.is_alive()], timeout=1.0)
+    return next((c.exitcode for c in children if c.exitcode), 0)
 
 
 def _free_port() -> int:

@@ -36,6 +36,7 @@ from sdtrain.models.inception import InceptionFeatures, fid
 from sdtrain.sample.cli import (
     add_autoguidance_args,
     autoguidance_weight,
+    check_guide,
     latent_shape_for,
     load_guide,
     read_prompts,
@@ -99,6 +100,12 @@ def evaluate(args: argparse.Namespace) -> list[dict[str, Any]]:
     log.info("reference: %d images from %s at %dpx", len(pairs), args.real, size)
     rows: list[dict[str, Any]] = []
     guide = load_guide(args.guide, first, args.weights, args.device) if args.guide else None
+    if guide is not None:  # checked now, not after an hour of sampling the checkpoints before
+        guided = [model for _, model in models if model.step > guide.step]
+        if not guided:
+            raise ConfigError(f"--guide {args.guide} is step {guide.step}: no checkpoint given is later, none to guide")
+        for model in guided:
+            check_guide(guide, model, args.guide)
     os.makedirs(args.out, exist_ok=True)
     for path, model in models:
         shape = latent_shape_for(model, size, size)

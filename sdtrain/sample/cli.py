@@ -107,6 +107,12 @@ def load_guide(path: str, model: TrainedModel, weights: str, device: str) -> Tra
     an earlier checkpoint of the same run is the simplest. ConfigError when its latents, text conditioning or noise
     schedule differ."""
     guide = load_trained(path, weights, device)
+    check_guide(guide, model, path)
+    return guide
+
+
+def check_guide(guide: TrainedModel, model: TrainedModel, path: str) -> None:
+    """ConfigError when the guide loaded from PATH cannot guide MODEL (see load_guide)."""
     same = {
         "latent shape": guide.latent_shape == model.latent_shape,
         "text encoder": guide.text_config == model.text_config and guide.text_config_2 == model.text_config_2,
@@ -116,7 +122,6 @@ def load_guide(path: str, model: TrainedModel, weights: str, device: str) -> Tra
     differing = [name for name, ok in same.items() if not ok]
     if differing:
         raise ConfigError(f"guide {path} cannot guide this checkpoint: they differ in {', '.join(differing)}")
-    return guide
 
 
 def repeated(edit: EditInputs | None, n: int) -> EditInputs | None:

@@ -98,6 +98,8 @@ def test_eval_with_autoguidance_adds_a_guided_row_per_later_checkpoint(trained_r
     torch.save(other, tmp_path / "other.ckpt")
     assert eval_main([*args[:1], *args[2:], "--guide", str(tmp_path / "other.ckpt")]) == 2
     assert "cannot guide this checkpoint: they differ in latent shape" in capsys.readouterr().err
+    assert eval_main([*args[1:], "--guide", str(guide)]) == 2  # the guide alone: nothing later to guide
+    assert capsys.readouterr().err.strip().endswith("is step 10: no checkpoint given is later, none to guide")
 
 
 def test_fine_tune_from_export_and_ldm_file(trained_run, tmp_path, dataset):

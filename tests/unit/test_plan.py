@@ -53,13 +53,18 @@ def test_consumed_per_worker_matches_round_robin():
 
 
 def test_scale_1024_ranks_8_workers_100k_shards():
-    """The plan at cluster scale: every sample once per epoch, identical batch counts, computed in seconds."""
+    """The plan at cluster scale: every sample once per epoch, identical batch counts, at a cost that grows with
+    the shards, not the samples: 1,000x the samples per shard (~100G) take about the time of ~100M (measured
+    0.25 s each on 2 cores; the best of 3 of each, side by side, so a busy machine slows both)."""
     rng = np.random.default_rng(0)
     counts = rng.integers(900, 1100, size=100_000).tolist()  # uneven shards, ~100M samples
-    start = time.perf_counter()
-    plan = plan_epoch(counts, world_size=1024, workers_per_rank=8, batch_size=32, seed=0, epoch=0)
-    elapsed = time.perf_counter() - start
-    assert elapsed < 10, elapsed
+    cluster = {"world_size": 1024, "workers_per_rank": 8, "batch_size": 32, "seed": 0, "epoch": 0}
+    plan = plan_epoch(counts, **cluster)
+    seconds = {}
+    for scale in (1, 1000):
+        scaled = [c * scale for c in counts]
+        seconds[scale] = _best_of_3(lambda scaled=scaled: plan_epoch(scaled, **cluster))
+    assert seconds[1000] < 3 * seconds[1], seconds
     per_slot = plan.batches_per_slot * 32
     assert len(plan.slots) == 8192 and all(s.num_samples == per_slot for s in plan.slots)
     # coverage without enumerating 100M samples: ranges tile each shard without overlap
@@ -72,3 +77,12 @@ def test_scale_1024_ranks_8_workers_100k_shards():
         read += stop - start_
     assert read == 8192 * per_slot
     assert sum(counts) - read < 8192 * 32  # only the sub-global-batch tail is left for the next epoch
+
+
+def _best_of_3(run) -> float:
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return min(times)
