@@ -38,7 +38,6 @@ from sdtrain.sample.cli import (
     autoguidance_weight,
     check_guide,
     latent_shape_for,
-    load_guide,
     read_prompts,
     sample_images,
 )
@@ -99,8 +98,8 @@ def evaluate(args: argparse.Namespace) -> list[dict[str, Any]]:
     real_features = inception(real.images)
     log.info("reference: %d images from %s at %dpx", len(pairs), args.real, size)
     rows: list[dict[str, Any]] = []
-    guide = load_guide(args.guide, first, args.weights, args.device) if args.guide else None
-    if guide is not None:  # checked now, not after an hour of sampling the checkpoints before
+    guide = load_trained(args.guide, args.weights, args.device) if args.guide else None
+    if guide is not None:  # against each checkpoint it guides, now, not after an hour of sampling the ones before
         guided = [model for _, model in models if model.step > guide.step]
         if not guided:
             raise ConfigError(f"--guide {args.guide} is step {guide.step}: no checkpoint given is later, none to guide")
