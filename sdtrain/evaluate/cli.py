@@ -45,6 +45,7 @@ from sdtrain.vae.metrics import reconstruct
 
 GRID = SamplingConfig()  # the CLI's sampling defaults are the training grids' (diffusion/sampling.py)
 log = logging.getLogger("sdtrain.eval")
+BASELINE_STYLES = [("--", "grey"), (":", "black"), ("-.", "tab:brown")]  # the baseline rows in their order
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -147,7 +148,7 @@ def _row(
 
 
 def write_report(rows: list[dict[str, Any]], out: str) -> str:
-    """metrics.csv, metrics.json and metrics.png (each metric vs step, baselines as dashed lines)."""
+    """metrics.csv, metrics.json and metrics.png (each metric vs step, baselines as horizontal lines, a style each)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -167,9 +168,9 @@ def write_report(rows: list[dict[str, Any]], out: str) -> str:
             trained = sorted((r["step"], r[key]) for r in points)
             if trained:
                 ax.plot([s for s, _ in trained], [v for _, v in trained], marker="o", label=label)
-        for r in rows:
-            if r["step"] is None:
-                ax.axhline(r[key], linestyle="--", color="grey", label=r["name"])
+        baselines = [r for r in rows if r["step"] is None]  # each its own style: the legend tells them apart
+        for r, (style, colour) in zip(baselines, BASELINE_STYLES, strict=False):
+            ax.axhline(r[key], linestyle=style, color=colour, label=r["name"])
         ax.set_xlabel("training step")
         ax.set_ylabel(key)
         ax.legend()
