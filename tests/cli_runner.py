@@ -52,12 +52,12 @@ def run_module(
     ranks > 1: one process per rank with the environment torchrun gives its workers (RANK, WORLD_SIZE, MASTER_PORT,
     TORCHELASTIC_RUN_ID, ...), so Lightning starts no processes of its own; their outputs one after the other, the
     exit code the first failing rank's, and the other ranks stopped when one fails (as torchrun does)."""
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    full_env = _command_env(env)
     cmd = [sys.executable, "-m", module, *args]
-    if fresh or os.environ.get("SDTRAIN_TESTS_FRESH_PROCESSES") == "1":  # ranks: Lightning's launcher starts them
+    if _fresh(fresh):  # ranks: Lightning's launcher starts them
         return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env)
     with tempfile.TemporaryDirectory(prefix="sdtrain-cli-") as out:
-        port, children, outputs = _free_port(), [], []
+        port, children, outputs = free_port(), [], []
         for rank in range(ranks):
             rank_args, rank_env = list(args), dict(full_env)
             if ranks > 1:
@@ -101,7 +101,16 @@ def _wait_all(children: list, timeout: float, cmd: list[str]) -> int:
     return next((c.exitcode for c in children if c.exitcode), 0)
 
 
-def _free_port() -> int:
+def _command_env(env: dict | None) -> dict[str, str]:
+    return {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+
+
+def _fresh(asked: bool) -> bool:
+    return asked or os.environ.get("SDTRAIN_TESTS_FRESH_PROCESSES") == "1"
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (for a test's process group)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -112,8 +121,8 @@ class Started:
     `os.killpg(pid, ...)` reaches it and every process it started), `poll()` and `wait()` as in subprocess.Popen."""
 
     def __init__(self, module: str, args: list[str], cwd: Path | str, env: dict | None, fresh: bool) -> None:
-        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-        if fresh or os.environ.get("SDTRAIN_TESTS_FRESH_PROCESSES") == "1":
+        full_env = _command_env(env)
+        if _fresh(fresh):
             cmd = [sys.executable, "-m", module, *args]
             quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
             self._popen = subprocess.Popen(cmd, cwd=cwd, env=full_env, start_new_session=True, **quiet)

@@ -11,7 +11,7 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
-from cli_runner import run_module
+from cli_runner import free_port, run_module  # noqa: F401 (free_port: the tests' one helper for it)
 
 from sdtrain.prep.shard_writer import LatentSample, npy_bytes, write_shards
 
@@ -36,7 +36,7 @@ def run_train(run_dir: Path, *overrides: str, timeout: int = 600, env: dict | No
     """`sdtrain-train experiment=tiny hydra.run.dir=RUN_DIR OVERRIDES` as its own process (cli_runner), or one per
     rank with `trainer.devices=N` (torchrun's environment; fresh=True: one fresh process and Lightning's launcher)."""
     args = ["experiment=tiny", f"hydra.run.dir={run_dir}", *overrides]
-    ranks = 1 if fresh else _devices(overrides)  # fresh: Lightning's launcher starts the other ranks
+    ranks = _devices(overrides)  # ignored when fresh: Lightning's launcher starts them
     return run_module("sdtrain.train", *args, cwd=REPO, env=env, timeout=timeout, fresh=fresh, ranks=ranks)
 
 
@@ -180,15 +180,6 @@ def assert_same_parts(a, b, parts=("unet", "vae", "text_encoder")) -> None:
 def only_folder(path: Path) -> Path:
     (folder,) = [p for p in path.iterdir() if p.is_dir()]
     return folder
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now (for a test's process group)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _add_member(tar, name: str, data: bytes) -> None:
