@@ -45,8 +45,10 @@ log = logging.getLogger("sdtrain.demo")
 FID_IMAGES = 200  # reference images = samples per evaluated checkpoint
 # FID's sampling, measured on a 1,700-step demo checkpoint (200 samples): Euler a 30 steps at CFG 2 gave 165, DDIM 20
 # steps 171 at CFG 2 and 173 at CFG 3 (189 at CFG 6 at 1,400 steps). The grids keep DDIM at CFG 6: clearer shapes.
-# The final checkpoint is also sampled with autoguidance (sdtrain-sample's default weight 2) against the step-300 one.
-FID_SAMPLING = ["--sampler", "euler_a", "--steps", "30", "--guidance", "2"]
+# The final checkpoint is also sampled with autoguidance against the step-300 one: with the noise-trained decoder
+# CFG 1.5 + AG 2.5 gave 128.9, CFG 2 + AG 2 / 3 and CFG 1.5 + AG 3 138.0 / 141.4 / 130.6 (vae_demo_decoder.yaml).
+FID_SAMPLING = ["--sampler", "euler_a", "--steps", "30", "--guidance", "1.5"]
+FID_AUTOGUIDANCE = "2.5"
 
 
 def demo_config() -> Any:
@@ -232,7 +234,7 @@ def evaluate_run(run_dir: str, out: str) -> int:
     final = os.path.join(ckpt_dir, final_name + ".ckpt" if final_name + ".ckpt" in steps else LAST_NAME)
     first = os.path.join(ckpt_dir, steps[0]) if steps and os.path.join(ckpt_dir, steps[0]) != final else None
     checkpoints = [first, final] if first else [final]
-    guide = ["--guide", first] if first else []
+    guide = ["--guide", first, "--autoguidance", FID_AUTOGUIDANCE] if first else []
     return eval_main(
         [*checkpoints, "--real", os.path.join(out, "real"), "--out", os.path.join(out, "eval"), "--baseline"]
         + ["--reconstruction", "--num-images", str(FID_IMAGES), *FID_SAMPLING, *guide]

@@ -41,12 +41,17 @@ class VAELossConfig:
     """The discriminator's learning rate as a multiple of optim.lr."""
     disc_channels: int = 64
     disc_layers: int = 3
+    latent_noise: float = 0.0
+    """Decoder robustness: each image's latents get Gaussian noise of std u * latent_noise * the batch's latent std
+    per channel (u uniform in [0, 1) per image) before decoding, so the decoder learns to map the slightly-off latents
+    a U-Net samples to clean images (the demo's decoder fine-tune: FID 149.5 -> 140.5 at 0.6 on the same U-Net
+    samples). 0 = off; the reconstruction metrics (val/psnr, val/rfid) always decode clean latents."""
 
     def __post_init__(self) -> None:
         if self.reconstruction not in ("l1", "l2"):
             raise ValueError(f"reconstruction must be l1 or l2, got {self.reconstruction!r}")
-        if min(self.kl_weight, self.perceptual_weight, self.gan_weight, self.disc_start) < 0:
-            raise ValueError("kl_weight, perceptual_weight, gan_weight and disc_start must be >= 0")
+        if min(self.kl_weight, self.perceptual_weight, self.gan_weight, self.disc_start, self.latent_noise) < 0:
+            raise ValueError("kl_weight, perceptual_weight, gan_weight, disc_start and latent_noise must be >= 0")
         if self.disc_lr_ratio <= 0 or self.disc_channels < 1 or self.disc_layers < 1:
             raise ValueError("disc_lr_ratio, disc_channels and disc_layers must be > 0")
 
@@ -100,6 +105,17 @@ class InceptionPerceptual:
             real = self._features(target.float())
         fake = self._features(reconstruction.float())
         return sum(((f - r) ** 2).sum(dim=1).mean() for f, r in zip(fake, real, strict=True))
+
+
+def perturb_latents(latents: torch.Tensor, scale: float, generator: torch.Generator) -> torch.Tensor:
+    """`latents` + noise of std u * scale * (the batch's std per channel), u ~ U[0, 1) per image (see latent_noise):
+    a range of strengths, from the clean latents the encoder gives to ones as far off as a short-trained U-Net's."""
+    if scale == 0:
+        return latents
+    strength = torch.rand(latents.shape[0], 1, 1, 1, generator=generator, device=latents.device)
+    spread = latents.detach().std(dim=(0, 2, 3), keepdim=True)
+    noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+    return latents + (scale * strength * spread).to(latents.dtype) * noise
 
 
 def reconstruction_loss(reconstruction: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:

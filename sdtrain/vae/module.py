@@ -27,6 +27,7 @@ from sdtrain.vae.losses import (
     PatchDiscriminator,
     VAELossConfig,
     gan_losses,
+    perturb_latents,
     reconstruction_loss,
 )
 
@@ -88,7 +89,9 @@ class AutoencoderModule(L.LightningModule):
         cfg = self.loss_cfg
         with nullcontext() if self.train_encoder else torch.no_grad():
             posterior = self.vae.encode(x).latent_dist
-        reconstruction = self.vae.decode(posterior.sample(generator=self._generator(x.device))).sample
+        generator = self._generator(x.device)
+        latents = perturb_latents(posterior.sample(generator=generator), cfg.latent_noise, generator)
+        reconstruction = self.vae.decode(latents).sample
         terms = {"reconstruction": reconstruction_loss(reconstruction, x, cfg.reconstruction)}
         loss = terms["reconstruction"]
         if self.train_encoder:

@@ -76,7 +76,9 @@ def _tiny_vae():
 
 def test_a_training_step_equals_a_bare_pytorch_loop():
     torch.manual_seed(0)
-    loss_cfg = VAELossConfig(perceptual_weight=0.5, gan_weight=0.3, disc_start=1, disc_lr_ratio=2.0, disc_channels=8)
+    loss_cfg = VAELossConfig(
+        perceptual_weight=0.5, gan_weight=0.3, disc_start=1, disc_lr_ratio=2.0, disc_channels=8, latent_noise=0.4
+    )
     optim = OptimConfig(lr=1e-3, warmup_steps=0, weight_decay=0.0, fused=False)
     vae = _tiny_vae()
     module = AutoencoderModule(vae=vae, loss=loss_cfg, optim=optim, train="all", resolution=32, seed=5)
@@ -106,7 +108,11 @@ def test_a_training_step_equals_a_bare_pytorch_loop():
     for step, batch in enumerate(batches):
         x = batch["pixels"]
         posterior = ref_vae.encode(x).latent_dist
-        recon = ref_vae.decode(posterior.sample(generator=step_generator(5, 0, step, 0, x.device))).sample
+        draws = step_generator(5, 0, step, 0, x.device)
+        latents = posterior.sample(generator=draws)
+        # latent_noise: std u * 0.4 * the batch's per-channel latent std, u ~ U[0, 1) per image
+        strength = 0.4 * torch.rand(4, 1, 1, 1, generator=draws) * latents.detach().std(dim=(0, 2, 3), keepdim=True)
+        recon = ref_vae.decode(latents + strength * torch.randn(latents.shape, generator=draws)).sample
         loss = (recon - x).abs().mean() + 1e-6 * posterior.kl().mean() + 0.5 * perceptual(recon, x)
         generator, disc = gan_losses(ref_disc, x, recon)
         loss = loss + float(step >= 1) * (0.3 * generator + disc)
@@ -214,6 +220,7 @@ def test_bad_settings_end_with_one_line(tmp_path, emoji_folders):
         "no_images": ["data.images=null"],
         "missing_folder": [f"data.images={tmp_path}/nowhere"],
         "bad_loss": [f"data.images={emoji_folders[0]}", "loss.reconstruction=l3"],
+        "bad_noise": [f"data.images={emoji_folders[0]}", "loss.latent_noise=-0.5"],
     }
     results = run_train_cases(tmp_path, cases, job="sdtrain.launch.train_vae", base=["experiment=vae_demo"])
     expect = {
@@ -223,6 +230,7 @@ def test_bad_settings_end_with_one_line(tmp_path, emoji_folders):
         "no_images": "data.images is not set",
         "missing_folder": "input not found",
         "bad_loss": "reconstruction must be l1 or l2",
+        "bad_noise": "latent_noise must be >= 0",
     }
     for name, text in expect.items():
         result = results[name]
