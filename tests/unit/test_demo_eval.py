@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import sdtrain.evaluate.cli as eval_cli
-from sdtrain.demo.cli import evaluate_run
+from sdtrain.demo.cli import FID_AUTOGUIDANCE, evaluate_run
 
 
 def _checkpoint(path: Path, step: int) -> None:
@@ -37,3 +37,7 @@ def test_demo_scores_first_and_final_checkpoints_once(tmp_path, monkeypatch, ste
     argv = seen[0]
     assert [Path(a).stem for a in argv[: argv.index("--real")]] == expected
     assert (Path(argv[argv.index("--guide") + 1]).stem if "--guide" in argv else None) == guide
+    # the weight goes with the guide only (sdtrain-eval refuses --autoguidance without one)
+    assert (argv[argv.index("--autoguidance") + 1] if "--autoguidance" in argv else None) == (
+        FID_AUTOGUIDANCE if guide else None
+    )
