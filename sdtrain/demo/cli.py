@@ -1,10 +1,10 @@
-"""`sdtrain-demo`: the whole story on CPU with real captioned images, in 21-32 min on 2 cores with the install.
+"""`sdtrain-demo`: the whole story on CPU with real captioned images, in 23-34 min on 2 cores with the install.
 
 1. build a raw image-text set from installed packages (twemoji PNGs + emoji names, 32x32 px);
 2. train a tiny VAE with `sdtrain-train-vae experiment=vae_demo` (a fixed number of steps) so latents decode to
    real pictures (DIR/vae_run: checkpoints, reconstruction grids, held-out PSNR/rFID, vae/ + latent statistics),
-   then fine-tune its decoder with a perceptual term, the encoder frozen (`experiment=vae_demo_decoder`,
-   DIR/vae_decoder_run/vae: the VAE the rest of the demo uses);
+   then fine-tune its decoder with a perceptual term and latent noise, the encoder frozen
+   (`experiment=vae_demo_decoder`, DIR/vae_decoder_run/vae: the VAE the rest of the demo uses);
 3. encode the set into latent shards + manifest.json (moments, with measured scaling/shift, and each caption's
    hidden states from the real pretrained all-MiniLM-L6-v2 text model as text.npy);
 4. train the tiny U-Net with EMA (`experiment=demo`), writing checkpoints and sample grids;
@@ -45,8 +45,9 @@ log = logging.getLogger("sdtrain.demo")
 FID_IMAGES = 200  # reference images = samples per evaluated checkpoint
 # FID's sampling, measured on a 1,700-step demo checkpoint (200 samples): Euler a 30 steps at CFG 2 gave 165, DDIM 20
 # steps 171 at CFG 2 and 173 at CFG 3 (189 at CFG 6 at 1,400 steps). The grids keep DDIM at CFG 6: clearer shapes.
-# The final checkpoint is also sampled with autoguidance against the step-300 one: with the noise-trained decoder
-# CFG 1.5 + AG 2.5 gave 128.9, CFG 2 + AG 2 / 3 and CFG 1.5 + AG 3 138.0 / 141.4 / 130.6 (vae_demo_decoder.yaml).
+# The final checkpoint is also sampled with autoguidance against the step-300 one: with the demo's decoder CFG 1.5 +
+# AG 2.5 gave 128.9 (AG 3: 130.6); with a 500-step one of the same noise, 136.3 (CFG 2 + AG 2: 140.5, CFG 1.5 +
+# AG 2 / 3: 139.6 / 137.6; conf/experiment/vae_demo_decoder.yaml).
 FID_SAMPLING = ["--sampler", "euler_a", "--steps", "30", "--guidance", "1.5"]
 FID_AUTOGUIDANCE = "2.5"
 

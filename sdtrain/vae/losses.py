@@ -44,8 +44,8 @@ class VAELossConfig:
     latent_noise: float = 0.0
     """Decoder robustness: each image's latents get Gaussian noise of std u * latent_noise * the batch's latent std
     per channel (u uniform in [0, 1) per image) before decoding, so the decoder learns to map the slightly-off latents
-    a U-Net samples to clean images (the demo's decoder fine-tune: FID 149.5 -> 140.5 at 0.6 on the same U-Net
-    samples). 0 = off; the reconstruction metrics (val/psnr, val/rfid) always decode clean latents."""
+    a U-Net samples to clean images (the demo's decoder fine-tune uses 0.6: conf/experiment/vae_demo_decoder.yaml).
+    0 = off; the reconstruction metrics (val/psnr, val/rfid) always decode clean latents."""
 
     def __post_init__(self) -> None:
         if self.reconstruction not in ("l1", "l2"):
